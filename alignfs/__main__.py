@@ -1,0 +1,7 @@
+"""``python -m alignfs`` is the ``alignfs`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The settings of one mount, with their defaults and validation.
+
+The same names are used on the command line (``--buffer-size 4M``), as mount(8)
+``-o`` options (``buffer_size=4M``) and in systemd config files, so they are
+defined once here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .sizes import format_size
+
+MiB = 1 << 20
+
+#: Defaults, chosen by measurement on the HDD model (see README "Tuning").
+DEFAULT_BUFFER_SIZE = 8 * MiB
+DEFAULT_MAX_DIRTY = 256 * MiB
+DEFAULT_BUFFERS_PER_FILE = 4
+DEFAULT_FLUSH_DELAY = 5.0
+DEFAULT_IO_THREADS = 8
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is shown to the user."""
+
+
+@dataclasses.dataclass
+class MountConfig:
+    mountpoint: Path
+    backing: Path
+    #: Size of each write buffer (a multiple of the alignment).
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    #: Bound on all buffered (not yet written) data, over all files.
+    max_dirty: int = DEFAULT_MAX_DIRTY
+    #: How many buffers one file may be filling at once.
+    buffers_per_file: int = DEFAULT_BUFFERS_PER_FILE
+    #: Seconds after which a partly filled buffer is written anyway.
+    flush_delay: float = DEFAULT_FLUSH_DELAY
+    #: Direct-I/O alignment; None means detect it from BACKING.
+    align: int | None = None
+    #: Threads doing backing writes at once.
+    io_threads: int = DEFAULT_IO_THREADS
+    allow_other: bool = False
+    debug: bool = False
+    log_file: Path | None = None
+    #: Fault injection for tests only (see backing_io.FaultInjector); never documented.
+    fault_file: Path | None = None
+    #: Test-only: append "name offset length" for every backing write to this file.
+    trace_file: Path | None = None
+
+    def validate(self) -> None:
+        """Raise ConfigError for settings that cannot work together."""
+        if self.buffer_size < 4096 or self.buffer_size & (self.buffer_size - 1):
+            raise ConfigError(
+                f"--buffer-size must be a power of two of at least 4K, not "
+                f"{format_size(self.buffer_size)}"
+            )
+        if self.buffer_size > 256 * MiB:
+            raise ConfigError("--buffer-size must not exceed 256M")
+        if self.buffers_per_file < 1:
+            raise ConfigError("--buffers-per-file must be at least 1")
+        if self.max_dirty < 2 * self.buffer_size:
+            raise ConfigError(
+                f"--max-dirty ({format_size(self.max_dirty)}) must hold at least two "
+                f"buffers of --buffer-size ({format_size(self.buffer_size)})"
+            )
+        if self.flush_delay <= 0:
+            raise ConfigError("--flush-delay must be positive")
+        if self.align is not None:
+            if self.align < 512 or self.align & (self.align - 1):
+                raise ConfigError("--align must be a power of two of at least 512")
+            if self.buffer_size % self.align:
+                raise ConfigError("--buffer-size must be a multiple of --align")
+        if self.io_threads < 1:
+            raise ConfigError("--io-threads must be at least 1")

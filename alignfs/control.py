@@ -1,0 +1,96 @@
+"""The control file: how ``alignfs stats/flush/umount`` talk to a running daemon.
+
+A hidden regular file ``MOUNTPOINT/.alignfs-control`` (found by lookup, never
+listed) whose extended attributes are commands, as s3ql and mergerfs do it:
+reading ``user.alignfs.stats`` returns the counters as JSON, writing
+``user.alignfs.flush`` writes out and fsyncs everything, writing
+``user.alignfs.umount`` does that and then ends the daemon. The file is mode
+0600 and owned by the mounting user, and the handler checks the caller too:
+only root and the mounting user may use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from .inodes import SYNTHETIC_BASE
+
+log = logging.getLogger(__name__)
+
+CONTROL_NAME = b".alignfs-control"
+CONTROL_INO = SYNTHETIC_BASE
+XATTR_STATS = b"user.alignfs.stats"
+XATTR_FLUSH = b"user.alignfs.flush"
+XATTR_UMOUNT = b"user.alignfs.umount"
+
+
+class ControlFile:
+    name = CONTROL_NAME
+    ino = CONTROL_INO
+
+    def __init__(self, owner_uid: int, owner_gid: int,
+                 get_stats: Callable[[], dict[str, Any]],
+                 flush: Callable[[], Awaitable[None]],
+                 umount: Callable[[], Awaitable[None]]) -> None:
+        self.owner_uid = owner_uid
+        self.owner_gid = owner_gid
+        self._get_stats = get_stats
+        self._flush = flush
+        self._umount = umount
+        self._born_ns = time.time_ns()
+
+    def attrs(self) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self.ino
+        entry.entry_timeout = 0
+        entry.attr_timeout = 0
+        entry.st_mode = 0o100600
+        entry.st_nlink = 1
+        entry.st_uid = self.owner_uid
+        entry.st_gid = self.owner_gid
+        entry.st_blksize = 4096
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self._born_ns
+        return entry
+
+    def _check(self, ctx: pyfuse3.RequestContext) -> None:
+        if ctx.uid not in (0, self.owner_uid):
+            log.warning("control request from uid %d refused", ctx.uid)
+            raise FUSEError(errno.EACCES)
+
+    async def getxattr(self, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._check(ctx)
+        if name == XATTR_STATS:
+            return json.dumps(self._get_stats(), sort_keys=True).encode()
+        raise FUSEError(errno.ENODATA)
+
+    async def setxattr(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check(ctx)
+        if name == XATTR_FLUSH:
+            await self._flush()
+        elif name == XATTR_UMOUNT:
+            await self._umount()
+        else:
+            raise FUSEError(errno.EINVAL)
+
+    def listxattr(self) -> list[bytes]:
+        return [XATTR_STATS]
+
+
+def query_stats(mountpoint: str) -> dict[str, Any]:
+    """Client side: the daemon's counters (raises OSError if not an alignfs mount)."""
+    raw = os.getxattr(os.path.join(mountpoint, CONTROL_NAME.decode()), XATTR_STATS)
+    return json.loads(raw)
+
+
+def request(mountpoint: str, what: bytes) -> None:
+    """Client side: send a command (XATTR_FLUSH or XATTR_UMOUNT); blocks until done."""
+    os.setxattr(os.path.join(mountpoint, CONTROL_NAME.decode()), what, b"1")

@@ -1,0 +1,201 @@
+"""Running one mount: mount, serve, and on every way out write everything back.
+
+Order of events: open BACKING, detect the direct-I/O alignment, mount
+(``pyfuse3.init``), serve requests on the trio thread, report readiness once
+the mountpoint answers (checked from a worker thread: the trio thread that
+serves the mount must never touch it). On SIGTERM/SIGINT, on ``alignfs
+umount`` and on an external unmount, all buffered data is written out and
+fsync'd before the daemon unmounts and exits; the exit code says whether it
+all reached BACKING.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from . import sdnotify
+from .backing_io import BackingIO, detect_alignment
+from .config import MountConfig
+from .control import ControlFile
+from .exitcodes import ExitCode
+from .operations import Operations
+from .sizes import format_size
+from .stats import Stats
+from .write_cache import WriteCache
+
+log = logging.getLogger(__name__)
+
+#: pyfuse3 worker tasks; requests overlap only at awaits, so this bounds how
+#: many requests can wait on backing I/O (or on buffer memory) at once.
+MAX_TASKS = 64
+
+
+class DaemonError(Exception):
+    """A failure before the mount went live; carries the exit code."""
+
+    def __init__(self, code: ExitCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Daemon:
+    def __init__(self, config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.on_ready = on_ready
+        self.stats = Stats()
+        self.cache: WriteCache | None = None
+        self.ops: Operations | None = None
+        self.align = 0
+        self._stopping = False
+        self._nursery: trio.Nursery | None = None
+        self.exit_code = ExitCode.OK
+
+    # -- control channel -------------------------------------------------------
+
+    def stats_dict(self) -> dict[str, Any]:
+        out = self.stats.as_dict()
+        out.update(pid=os.getpid(), mountpoint=str(self.config.mountpoint),
+                   backing=str(self.config.backing), buffer_size=self.config.buffer_size,
+                   max_dirty=self.config.max_dirty, align=self.align,
+                   open_files=len(self.cache.files) if self.cache else 0)
+        return out
+
+    async def _flush_request(self) -> None:
+        assert self.cache is not None
+        failures = await self.cache.flush_all("unmount")
+        if failures:
+            raise FUSEError(failures[0][1].errno or errno.EIO)
+
+    async def _umount_request(self) -> None:
+        await self._flush_request()
+        self._begin_stop("alignfs umount")
+
+    def _begin_stop(self, why: str) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("stopping (%s)", why)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._stop)
+
+    async def _stop(self) -> None:
+        assert self.cache is not None
+        sdnotify.notify("STOPPING=1")
+        # Write out while still mounted, reporting progress so systemd extends
+        # its stop timeout for as long as data keeps moving.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_progress)
+            failures = await self.cache.flush_all("unmount")
+            nursery.cancel_scope.cancel()
+        if failures:
+            self.exit_code = ExitCode.UNWRITTEN_DATA
+        pyfuse3.terminate()
+
+    async def _report_progress(self) -> None:
+        assert self.cache is not None
+        while True:
+            left = self.cache.unwritten_bytes()
+            sdnotify.notify(f"STATUS=writing back {format_size(left)}",
+                            "EXTEND_TIMEOUT_USEC=30000000")
+            await trio.sleep(1)
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: writing everything back")
+                    assert self.cache is not None
+                    await self.cache.flush_all("unmount")
+                    continue
+                self._begin_stop(signal.Signals(signum).name)
+
+    async def _announce_ready(self) -> None:
+        # A worker thread stats the mountpoint while this thread serves it.
+        await trio.to_thread.run_sync(os.stat, str(self.config.mountpoint))
+        log.info("mounted %s on %s (buffers %s, max dirty %s, alignment %d)",
+                 self.config.backing, self.config.mountpoint,
+                 format_size(self.config.buffer_size), format_size(self.config.max_dirty),
+                 self.align)
+        sdnotify.notify("READY=1", f"STATUS=serving {self.config.mountpoint}",
+                        f"MAINPID={os.getpid()}")
+        if self.on_ready:
+            self.on_ready()
+
+    # -- main ------------------------------------------------------------------
+
+    def _fuse_options(self) -> set[str]:
+        opts = {"default_permissions", f"fsname={self.config.backing}", "subtype=alignfs"}
+        if self.config.allow_other:
+            opts.add("allow_other")
+        if os.geteuid() == 0:
+            opts.update({"dev", "suid"})
+        return opts
+
+    def run(self) -> ExitCode:
+        cfg = self.config
+        try:
+            root_fd = os.open(cfg.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DaemonError(ExitCode.BAD_BACKING,
+                              f"cannot open BACKING {cfg.backing}: {exc.strerror}") from exc
+        self.align = cfg.align if cfg.align is not None else detect_alignment(cfg.backing)
+        if self.align == 0:
+            log.warning("%s does not support O_DIRECT: buffered writes of aligned buffers",
+                        cfg.backing)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        os.umask(0)  # the kernel already applied the caller's umask
+        return trio.run(self._main, root_fd)
+
+    async def _main(self, root_fd: int) -> ExitCode:
+        cfg = self.config
+        io = BackingIO(cfg.io_threads, cfg.fault_file, cfg.trace_file)
+        mounted = False
+        try:
+            async with WriteCache.running(
+                    io, self.stats, buffer_size=cfg.buffer_size, max_dirty=cfg.max_dirty,
+                    buffers_per_file=cfg.buffers_per_file, flush_delay=cfg.flush_delay,
+                    align=self.align) as cache:
+                self.cache = cache
+                st = os.stat(cfg.mountpoint)
+                control = ControlFile(st.st_uid if os.geteuid() == 0 else os.geteuid(),
+                                      st.st_gid, self.stats_dict, self._flush_request,
+                                      self._umount_request)
+                self.ops = Operations(root_fd, io, cache, control)
+                try:
+                    pyfuse3.init(self.ops, str(cfg.mountpoint), self._fuse_options())
+                except RuntimeError as exc:
+                    raise DaemonError(ExitCode.FUSE_UNAVAILABLE,
+                                      f"cannot mount {cfg.mountpoint}: {exc}") from exc
+                mounted = True
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._watch_signals)
+                    nursery.start_soon(self._announce_ready)
+                    await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+                    nursery.cancel_scope.cancel()
+                self.ops.close_all()
+                # Leaving WriteCache.running writes out whatever is left.
+            if any(cf.dirty for cf in cache.files.values()):
+                self.exit_code = ExitCode.UNWRITTEN_DATA
+        finally:
+            if mounted:
+                pyfuse3.close(unmount=True)
+            io.close()
+        if self.exit_code == ExitCode.OK:
+            log.info("unmounted %s; all data written", cfg.mountpoint)
+        else:
+            log.error("unmounted %s; some data could NOT be written to BACKING",
+                      cfg.mountpoint)
+        return self.exit_code

@@ -1,0 +1,45 @@
+"""What the kernel says about mount points (from /proc/self/mountinfo).
+
+Used to refuse a second mount on the same place, to recognise an alignfs
+mount before talking to it, and to detect a stale mount left by a daemon that
+died (every access fails with ENOTCONN).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def _unescape(field: str) -> str:
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+def mount_entries() -> list[tuple[str, str, str]]:
+    """(mount point, filesystem type, source) for every mount, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            out.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
+    return out
+
+
+def fuse_mount_type(path: str) -> str | None:
+    """Filesystem type of the topmost mount exactly at *path*, or None."""
+    found = None
+    for mountpoint, fstype, _ in mount_entries():
+        if mountpoint == path:
+            found = fstype
+    return found
+
+
+def is_stale(path: str) -> bool:
+    """True if *path* is a FUSE mount whose daemon is gone."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False

@@ -1,0 +1,576 @@
+"""The FUSE request handlers: a thin passthrough in front of the write cache.
+
+Every handler translates one FUSE request into backing syscalls (run on
+worker threads through :class:`~alignfs.backing_io.BackingIO`) or into calls
+on the :class:`~alignfs.write_cache.WriteCache`. Regular-file data goes
+through the cache for every writable handle; metadata passes straight through.
+
+Error boundary: any exception leaving a pyfuse3 handler other than
+``FUSEError`` ends ``pyfuse3.main()`` and kills the mount, so every handler is
+wrapped: ``OSError`` becomes ``FUSEError(errno)``, anything else is logged with
+its traceback and answered EIO, and the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from . import syscalls
+from .backing_io import BackingIO
+from .control import ControlFile
+from .inodes import Inode, InodeTable
+from .write_cache import CachedFile, WriteCache
+
+log = logging.getLogger(__name__)
+
+#: Seconds the kernel may cache entries and attributes. All changes normally
+#: come through this mount, so the kernel's view stays right; changes made
+#: directly in BACKING show up after at most this long.
+TIMEOUT = 1.0
+
+_OPEN_CLIENT_ONLY = (os.O_APPEND | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_TRUNC
+                     | os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+
+
+def _fuse_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s; answering EIO", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def fuse_boundary(cls: type) -> type:
+    """Wrap every async handler of *cls* in the error boundary."""
+    for name, member in list(vars(cls).items()):
+        if inspect.iscoroutinefunction(member) and not name.startswith("_"):
+            setattr(cls, name, _fuse_boundary(member))
+    return cls
+
+
+@dataclass
+class Handle:
+    """One open() of a regular file."""
+
+    inode: Inode
+    #: Backing descriptor for reads (buffered; O_RDWR for writable handles).
+    fd: int
+    flags: int
+    #: The CachedFile for writable handles, else None.
+    cached: CachedFile | None = None
+
+    @property
+    def append(self) -> bool:
+        return bool(self.flags & os.O_APPEND)
+
+    @property
+    def sync(self) -> bool:
+        return bool(self.flags & (os.O_SYNC | os.O_DSYNC))
+
+    @property
+    def datasync_only(self) -> bool:
+        return (self.flags & os.O_SYNC) != os.O_SYNC
+
+
+@dataclass
+class DirHandle:
+    inode: Inode
+    fd: int
+    names: list[bytes] | None = None
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+@fuse_boundary
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, root_fd: int, io: BackingIO, cache: WriteCache | None,
+                 control: ControlFile | None = None) -> None:
+        super().__init__()
+        self.inodes = InodeTable(root_fd)
+        self.io = io
+        self.cache = cache
+        self.control = control
+        self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self._as_root = os.geteuid() == 0
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            raise FUSEError(errno.ESTALE)
+        return inode
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode.ino
+        entry.generation = 0
+        entry.entry_timeout = TIMEOUT
+        entry.attr_timeout = TIMEOUT
+        entry.st_mode = st.st_mode
+        entry.st_nlink = st.st_nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        if self.cache is not None:
+            cf = self.cache.files.get(inode.key)
+            if cf is not None:
+                entry.st_size = cf.size
+        return entry
+
+    @staticmethod
+    def _open_path(parent_fd: int, name: bytes) -> tuple[int, os.stat_result]:
+        """Worker thread: O_PATH descriptor and stat of *name* in *parent_fd*."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            return fd, os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def _register(self, fd: int, st: os.stat_result, name: bytes) \
+            -> pyfuse3.EntryAttributes:
+        inode, adopted = self.inodes.remember(fd, st, _name(name))
+        if not adopted:
+            os.close(fd)  # closing an O_PATH descriptor does no I/O
+        return self._attrs(inode, st)
+
+    async def _lookup_new(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
+        fd, st = await self.io.meta(self._open_path, parent.fd, name)
+        return await self._register(fd, st, name)
+
+    def _owner_for(self, parent: Inode, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """Owner of a new file created for *ctx* (setgid directories keep their group)."""
+        gid = ctx.gid
+        if parent.mode & stat.S_ISGID:
+            gid = -1
+        return ctx.uid, gid
+
+    def _chown_new(self, dir_fd: int, name: bytes, owner: tuple[int, int]) -> None:
+        if self._as_root and (owner[0] != 0 or owner[1] not in (0, -1)):
+            os.chown(name, owner[0], owner[1], dir_fd=dir_fd, follow_symlinks=False)
+
+    # -- lookup and attributes -------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        if parent is self.inodes.root and self.control and name == self.control.name:
+            return self.control.attrs()
+        if name == b".":
+            name_to_open = b"."
+        elif name == b"..":
+            if parent is self.inodes.root:
+                name_to_open = b"."  # never leave BACKING
+            else:
+                name_to_open = b".."
+        else:
+            name_to_open = name
+        return await self._lookup_new(parent, name_to_open)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            fd = self.inodes.forget(ino, n)
+            if fd is not None:
+                os.close(fd)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.control and inode == self.control.ino:
+            return self.control.attrs()
+        node = self._inode(inode)
+        st = await self.io.meta(os.fstat, node.fd)
+        return self._attrs(node, st)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        is_link = stat.S_ISLNK(node.mode)
+        if fields.update_size:
+            cf = self.cache.files.get(node.key) if self.cache else None
+            if cf is not None:
+                await cf.truncate(attr.st_size)
+            elif fh is not None and fh in self._handles:
+                await self.io.meta(os.ftruncate, self._handles[fh].fd, attr.st_size)
+            else:
+                await self.io.meta(os.truncate, node.proc_path, attr.st_size)
+        if fields.update_mode:
+            if is_link:
+                raise FUSEError(errno.EOPNOTSUPP)
+            await self.io.meta(os.chmod, node.proc_path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            await self.io.meta(syscalls.fchown_path_fd, node.fd, uid, gid)
+        if fields.update_atime or fields.update_mtime:
+            atime = attr.st_atime_ns if fields.update_atime else None
+            mtime = attr.st_mtime_ns if fields.update_mtime else None
+            await self.io.meta(self._set_times, node, atime, mtime)
+        st = await self.io.meta(os.fstat, node.fd)
+        return self._attrs(node, st)
+
+    @staticmethod
+    def _set_times(node: Inode, atime: int | None, mtime: int | None) -> None:
+        if stat.S_ISLNK(node.mode):
+            try:
+                syscalls.utimens(node.fd, b"", atime, mtime,
+                                 syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    raise OSError(errno.EOPNOTSUPP, "cannot set times of a symlink") from exc
+                raise
+        else:
+            syscalls.utimens(syscalls.AT_FDCWD, node.proc_path.encode(), atime, mtime)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._inode(inode)
+        return await self.io.meta(lambda: os.readlink(b"", dir_fd=node.fd))
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Only called without default_permissions, which alignfs always sets;
+        # answer from the mode bits anyway.
+        node = self._inode(inode)
+        st = await self.io.meta(os.fstat, node.fd)
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+        if ctx.uid == st.st_uid:
+            bits = (st.st_mode >> 6) & 7
+        elif ctx.gid == st.st_gid:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        return (bits & mode) == mode
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = await self.io.meta(os.statvfs, self.inodes.root.proc_path)
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, field, getattr(sv, field))
+        return out
+
+    # -- namespace -------------------------------------------------------------
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        owner = self._owner_for(parent, ctx)
+
+        def do() -> tuple[int, os.stat_result]:
+            os.mknod(name, mode, rdev, dir_fd=parent.fd)
+            self._chown_new(parent.fd, name, owner)
+            return self._open_path(parent.fd, name)
+        return await self._register(*await self.io.meta(do), name)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        owner = self._owner_for(parent, ctx)
+
+        def do() -> tuple[int, os.stat_result]:
+            os.mkdir(name, mode, dir_fd=parent.fd)
+            self._chown_new(parent.fd, name, owner)
+            return self._open_path(parent.fd, name)
+        return await self._register(*await self.io.meta(do), name)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        owner = self._owner_for(parent, ctx)
+
+        def do() -> tuple[int, os.stat_result]:
+            os.symlink(target, name, dir_fd=parent.fd)
+            self._chown_new(parent.fd, name, owner)
+            return self._open_path(parent.fd, name)
+        return await self._register(*await self.io.meta(do), name)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        parent = self._inode(new_parent_inode)
+
+        def do() -> tuple[int, os.stat_result]:
+            os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            return self._open_path(parent.fd, new_name)
+        return await self._register(*await self.io.meta(do), new_name)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._inode(parent_inode)
+        await self.io.meta(lambda: os.unlink(name, dir_fd=parent.fd))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._inode(parent_inode)
+        await self.io.meta(lambda: os.rmdir(name, dir_fd=parent.fd))
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old = self._inode(parent_inode_old)
+        new = self._inode(parent_inode_new)
+        if self.control and self.control.name in (name_old, name_new) and \
+                self.inodes.root in (old, new):
+            raise FUSEError(errno.EPERM)
+        await self.io.meta(syscalls.renameat2, old.fd, name_old, new.fd, name_new, flags)
+
+    # -- directories -----------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._inode(inode)
+        fd = await self.io.meta(os.open, node.proc_path,
+                                os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fh = self._new_fh()
+        self._dirs[fh] = DirHandle(node, fd)
+        return fh
+
+    @staticmethod
+    def _scan(fd: int, names: list[bytes], start: int, count: int) \
+            -> list[tuple[int, bytes, int, os.stat_result] | None]:
+        """Worker thread: O_PATH descriptors and stats for names[start:start+count]."""
+        out: list[tuple[int, bytes, int, os.stat_result] | None] = []
+        for i in range(start, min(start + count, len(names))):
+            try:
+                pfd, st = Operations._open_path(fd, names[i])
+            except OSError:
+                out.append(None)  # vanished since the listing; skip it
+                continue
+            out.append((i, names[i], pfd, st))
+        return out
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self._dirs[fh]
+        if d.names is None or start_id == 0:
+            listing = await self.io.meta(os.listdir, d.fd)
+            d.names = [os.fsencode(n) for n in listing]
+        pos = start_id
+        while pos < len(d.names):
+            batch = await self.io.meta(self._scan, d.fd, d.names, pos, 128)
+            pos += 128
+            for k, item in enumerate(batch):
+                if item is None:
+                    continue
+                i, name, pfd, st = item
+                inode, adopted = self.inodes.remember(pfd, st, _name(name))
+                if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), i + 1):
+                    # Not sent: undo this reference and drop the unsent batch.
+                    fd = self.inodes.forget(inode.ino, 1)
+                    if fd is not None:
+                        os.close(fd)
+                    elif not adopted:
+                        os.close(pfd)
+                    for rest in batch[k + 1:]:
+                        if rest is not None:
+                            os.close(rest[2])
+                    return
+                if not adopted:
+                    os.close(pfd)
+
+    async def releasedir(self, fh: int) -> None:
+        d = self._dirs.pop(fh)
+        os.close(d.fd)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        d = self._dirs[fh]
+        await self.io.meta(os.fdatasync if datasync else os.fsync, d.fd)
+
+    # -- regular files ---------------------------------------------------------
+
+    def _reopen(self, node: Inode) -> Callable[[int], int]:
+        return lambda flags: os.open(node.proc_path, flags)
+
+    async def _open_handle(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        backing_flags = (flags & ~_OPEN_CLIENT_ONLY & ~os.O_ACCMODE) | os.O_CLOEXEC
+        backing_flags |= os.O_RDWR if writable else os.O_RDONLY
+        fd = await self.io.meta(os.open, node.proc_path, backing_flags)
+        handle = Handle(node, fd, flags)
+        try:
+            if writable and self.cache is not None:
+                handle.cached = await self.cache.attach(node.key, self._reopen(node), node.name)
+            if flags & os.O_TRUNC:
+                cf = handle.cached or (self.cache.files.get(node.key) if self.cache else None)
+                if cf is not None:
+                    await cf.truncate(0)
+                else:
+                    await self.io.meta(os.truncate, node.proc_path, 0)
+        except BaseException:
+            if handle.cached is not None:
+                self.cache.detach(handle.cached)  # type: ignore[union-attr]
+            os.close(fd)
+            raise
+        fh = self._new_fh()
+        self._handles[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) \
+            -> pyfuse3.FileInfo:
+        if self.control and inode == self.control.ino:
+            raise FUSEError(errno.EPERM)
+        node = self._inode(inode)
+        return await self._open_handle(node, flags)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) \
+            -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._inode(parent_inode)
+        if parent is self.inodes.root and self.control and name == self.control.name:
+            raise FUSEError(errno.EEXIST)
+        owner = self._owner_for(parent, ctx)
+
+        def do() -> tuple[int, os.stat_result]:
+            base = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(name, base | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode),
+                             dir_fd=parent.fd)
+                created = True
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                fd = os.open(name, base, dir_fd=parent.fd)
+                created = False
+            try:
+                if created:
+                    self._chown_new(parent.fd, name, owner)
+                pfd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            finally:
+                os.close(fd)
+            return pfd, os.fstat(pfd)
+        pfd, st = await self.io.meta(do)
+        entry = await self._register(pfd, st, name)
+        node = self.inodes[entry.st_ino]
+        try:
+            info = await self._open_handle(node, flags & ~(os.O_CREAT | os.O_EXCL))
+        except BaseException:
+            await self.forget([(node.ino, 1)])
+            raise
+        return info, self._attrs(node, await self.io.meta(os.fstat, node.fd))
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        cf = handle.cached or (self.cache.files.get(handle.inode.key) if self.cache else None)
+        if cf is not None:
+            return await cf.read(off, size, handle.fd)
+        if self.cache is not None:
+            self.cache.stats.read_requests += 1
+            self.cache.stats.backing_reads += 1
+        return await self.io.data(self.io.pread, handle.fd, size, off, handle.inode.name)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        cf = handle.cached
+        if cf is None:
+            raise FUSEError(errno.EBADF)
+        if handle.append:
+            off = cf.size
+        await cf.write(off, buf)
+        if handle.sync:
+            await cf.fsync(handle.datasync_only)
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        handle = self._handles[fh]
+        cf = handle.cached
+        if cf is None:
+            return
+        if cf.handles == 1:
+            cf.start_write_back("close")
+        cf.raise_error()
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles[fh]
+        cf = handle.cached or (self.cache.files.get(handle.inode.key) if self.cache else None)
+        if cf is not None:
+            await cf.fsync(datasync)
+        else:
+            await self.io.data(self.io.sync, handle.fd, datasync, handle.inode.name)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh)
+        if handle.cached is not None and self.cache is not None:
+            self.cache.detach(handle.cached)
+        os.close(handle.fd)
+
+    # -- extended attributes ---------------------------------------------------
+
+    def _xattr_path(self, node: Inode) -> str:
+        if stat.S_ISLNK(node.mode):
+            # Reaching a symlink's own xattrs needs a path; refuse rather than
+            # risk following it.
+            raise FUSEError(errno.EOPNOTSUPP)
+        return node.proc_path
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        if self.control and inode == self.control.ino:
+            await self.control.setxattr(name, value, ctx)
+            return
+        path = self._xattr_path(self._inode(inode))
+        await self.io.meta(os.setxattr, path, name, value)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.control and inode == self.control.ino:
+            return await self.control.getxattr(name, ctx)
+        node = self._inode(inode)
+        if stat.S_ISLNK(node.mode):
+            raise FUSEError(errno.ENODATA)
+        return await self.io.meta(os.getxattr, node.proc_path, name)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if self.control and inode == self.control.ino:
+            return self.control.listxattr()
+        node = self._inode(inode)
+        if stat.S_ISLNK(node.mode):
+            return []
+        names = await self.io.meta(os.listxattr, node.proc_path)
+        return [os.fsencode(n) for n in names]
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        path = self._xattr_path(self._inode(inode))
+        await self.io.meta(os.removexattr, path, name)
+
+    # -- shutdown --------------------------------------------------------------
+
+    def close_all(self) -> None:
+        """Close every descriptor (after the main loop ended)."""
+        for handle in self._handles.values():
+            if handle.cached is not None and self.cache is not None:
+                self.cache.detach(handle.cached)
+            os.close(handle.fd)
+        self._handles.clear()
+        for d in self._dirs.values():
+            os.close(d.fd)
+        self._dirs.clear()

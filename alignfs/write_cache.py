@@ -1,0 +1,515 @@
+"""The write-coalescing engine: aligned, N-buffered, asynchronous write-back.
+
+Every file being written gets a :class:`CachedFile`. Its bytes are collected in
+fixed windows of ``buffer_size`` (window ``k`` covers file offsets
+``[k*B, (k+1)*B)``), each held by a page-aligned :class:`Buffer` from the
+shared :class:`~alignfs.buffer_pool.BufferPool`. Writes fill buffers in any
+order; a buffer is *sealed* (no more writes) when it is full, when the file
+needs a new window and already fills ``buffers_per_file``, when it is older
+than ``flush_delay``, under memory pressure, on fsync/close and at unmount.
+Sealed buffers are written by one flusher task per file, strictly in order
+(FIFO), so a newer buffer for a window always lands after an older one. A
+write is one aligned O_DIRECT ``pwrite`` per contiguous extent; only blocks
+that are partly covered are read back first (read-modify-write).
+
+Concurrency model (trio, one thread): everything here runs on the trio thread
+and is atomic between ``await`` points; the only awaits are the pool wait,
+thread hops for backing I/O, and ``CachedFile.lock``, which is held for every
+operation that changes the backing file (a buffer's write-out, truncate) so
+those never overlap for one file. Worker threads touch a sealed buffer's
+memory only, and only its uncovered bytes (filled by read-modify-write) and
+for the pwrite; readers copy covered bytes only.
+
+Errors: a failed write-out leaves the buffer at the head of the queue and
+stops the flusher; the file then refuses writes with that error until a retry
+(fsync, flush of the last handle, age tick, unmount) succeeds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from itertools import chain
+
+import trio
+
+from .backing_io import BackingIO
+from .buffer_pool import BufferPool
+from .ranges import RangeSet
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+#: A backing key: (st_dev, st_ino) of the backing file.
+Key = tuple[int, int]
+
+
+class Buffer:
+    """One window's worth of buffered data, in page-aligned memory."""
+
+    __slots__ = ("mem", "view", "window", "ranges", "born", "done", "file")
+
+    def __init__(self, file: CachedFile, mem: mmap.mmap, window: int, born: float) -> None:
+        self.file = file
+        self.mem = mem
+        self.view = memoryview(mem)
+        self.window = window
+        self.ranges = RangeSet()
+        self.born = born
+        #: True once written to BACKING (or dropped) and returned to the pool.
+        self.done = False
+
+
+class CachedFile:
+    """Buffered state of one backing file, shared by all its open handles."""
+
+    def __init__(self, cache: WriteCache, key: Key, fd: int, direct: bool, size: int,
+                 name: str) -> None:
+        self.cache = cache
+        self.key = key
+        #: Backing descriptor used for write-out, RMW reads and fsync (O_DIRECT if direct).
+        self.fd = fd
+        self.direct = direct
+        self.name = name
+        #: Logical size: what clients see, buffered data included.
+        self.size = size
+        #: Size of the backing file as this daemon last left it.
+        self.backing_size = size
+        #: Buffers still accepting writes, by window start, oldest first.
+        self.filling: OrderedDict[int, Buffer] = OrderedDict()
+        #: Sealed buffers waiting for (or in) write-out, in write order.
+        self.queue: deque[Buffer] = deque()
+        self.flushing = False
+        self.lock = trio.Lock()
+        self.progress = trio.lowlevel.ParkingLot()
+        self.handles = 0
+        self.error: OSError | None = None
+        self.error_time = 0.0
+        self.write_gen = 0
+        self.synced_data_gen = -1
+        self.synced_full_gen = -1
+
+    # -- client operations ---------------------------------------------------
+
+    async def write(self, off: int, data: bytes) -> None:
+        """Accept *data* at *off* into buffers (waits only for free memory)."""
+        self.raise_error()
+        cache = self.cache
+        bsize = cache.buffer_size
+        view = memoryview(data)
+        pos, end = off, off + len(data)
+        while pos < end:
+            window = pos - pos % bsize
+            buf = self.filling.get(window)
+            if buf is None:
+                buf = await cache.new_buffer(self, window)
+                self.raise_error()
+            n = min(end, window + bsize) - pos
+            rel = pos - window
+            buf.view[rel:rel + n] = view[pos - off:pos - off + n]
+            cache.stats.add_dirty(buf.ranges.add(rel, rel + n))
+            pos += n
+            if pos > self.size:
+                self.size = pos
+            self.write_gen += 1
+            if len(buf.ranges) == 1 and buf.ranges.first() == 0 and buf.ranges.last() == bsize:
+                cache.seal(buf, "full")
+        cache.stats.write_requests += 1
+        cache.stats.write_bytes += len(data)
+
+    async def read(self, off: int, size: int, fd: int) -> bytes:
+        """Read with buffered and in-flight data overlaid on the backing file.
+
+        *fd* is a readable (buffered) descriptor of the backing file.
+        """
+        cache = self.cache
+        stats = cache.stats
+        stats.read_requests += 1
+        end = min(off + size, self.size)
+        if off >= end:
+            return b""
+        bsize = cache.buffer_size
+        out = bytearray(end - off)
+        bufs = [b for b in chain(self.queue, self.filling.values())
+                if b.window < end and b.window + bsize > off]
+        covered = RangeSet()
+        for b in bufs:
+            for s, e in b.ranges.intersect(off - b.window, end - b.window):
+                covered.add(b.window + s, b.window + e)
+        gaps = covered.gaps(off, min(end, self.backing_size))
+        if gaps:
+            # Snapshot buffered bytes before awaiting: a buffer may be written
+            # out and reused while the backing read runs.
+            pieces = [(b.window + s, bytes(b.view[s:e])) for b in bufs
+                      for s, e in b.ranges.intersect(off - b.window, end - b.window)]
+            start, stop = gaps[0][0], gaps[-1][1]
+            data = await cache.io.data(cache.io.pread, fd, stop - start, start, self.name)
+            stats.backing_reads += 1
+            stats.backing_read_bytes += len(data)
+            out[start - off:start - off + len(data)] = data
+            for pos, piece in pieces:
+                out[pos - off:pos - off + len(piece)] = piece
+        else:
+            if bufs:
+                stats.reads_from_buffers += 1
+            for b in bufs:
+                for s, e in b.ranges.intersect(off - b.window, end - b.window):
+                    out[b.window + s - off:b.window + e - off] = b.view[s:e]
+        stats.read_bytes += len(out)
+        return bytes(out)
+
+    async def truncate(self, new_size: int) -> None:
+        """Set the file size to *new_size*, buffered data included."""
+        cache = self.cache
+        async with self.lock:
+            # The lock keeps write-outs away, so no pwrite can land after this.
+            await cache.io.meta(os.ftruncate, self.fd, new_size)
+            if new_size < self.size:
+                bsize = cache.buffer_size
+                for buf in list(chain(self.queue, self.filling.values())):
+                    if buf.window + bsize > new_size:
+                        dropped = buf.ranges.remove(max(0, new_size - buf.window), bsize)
+                        cache.stats.dirty_bytes -= dropped
+                        if not buf.ranges and buf.window in self.filling \
+                                and self.filling[buf.window] is buf:
+                            cache.drop_filling(buf)
+            self.size = new_size
+            self.backing_size = new_size
+            self.write_gen += 1
+
+    async def fsync(self, datasync: bool) -> None:
+        """Return once every byte written before the call is durable on BACKING."""
+        cache = self.cache
+        cache.stats.fsyncs += 1
+        gen = self.write_gen
+        synced = self.synced_data_gen if datasync else self.synced_full_gen
+        if synced == gen and self.error is None:
+            return
+        await self.write_back("fsync")
+        await cache.io.data(cache.io.sync, self.fd, datasync, self.name)
+        cache.stats.backing_fsyncs += 1
+        self.synced_data_gen = max(self.synced_data_gen, gen)
+        if not datasync:
+            self.synced_full_gen = max(self.synced_full_gen, gen)
+
+    async def write_back(self, cause: str) -> None:
+        """Write out everything buffered now; raise the backing error if that fails."""
+        self.start_write_back(cause, force=True)
+        if not self.queue:
+            return
+        last = self.queue[-1]
+        while not last.done:
+            if not self.flushing and self.error is not None:
+                raise self.error
+            await self.progress.park()
+
+    def start_write_back(self, cause: str, force: bool = False) -> None:
+        """Seal every filling buffer and make sure the flusher runs; do not wait."""
+        for buf in list(self.filling.values()):
+            self.cache.seal(buf, cause, kick=False)
+        if self.queue:
+            self.cache.kick(self, force=force)
+
+    def raise_error(self) -> None:
+        """Refuse new data while a write-out of this file is failing."""
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.filling or self.queue)
+
+    def buffered_bytes(self) -> int:
+        return sum(b.ranges.total() for b in chain(self.queue, self.filling.values()))
+
+
+class WriteCache:
+    """All buffered files of one mount, their pool and their flusher tasks."""
+
+    def __init__(self, io: BackingIO, stats: Stats, *, buffer_size: int, max_dirty: int,
+                 buffers_per_file: int, flush_delay: float, align: int) -> None:
+        self.io = io
+        self.stats = stats
+        self.buffer_size = buffer_size
+        self.buffers_per_file = buffers_per_file
+        self.flush_delay = flush_delay
+        #: Direct-I/O alignment of BACKING; 0 if it has no O_DIRECT.
+        self.align = align or 4096
+        self.use_direct = align != 0
+        self.pool = BufferPool(buffer_size, max_dirty // buffer_size)
+        self.files: dict[Key, CachedFile] = {}
+        #: Every filling buffer of every file, oldest first (for pressure and age).
+        self.filling: OrderedDict[Buffer, None] = OrderedDict()
+        self._nursery: trio.Nursery | None = None
+        self._warned_no_direct = False
+
+    @classmethod
+    @asynccontextmanager
+    async def running(cls, io: BackingIO, stats: Stats, **kwargs: int | float) \
+            -> AsyncIterator[WriteCache]:
+        """The cache with its flushers and age timer; writes everything out on exit."""
+        cache = cls(io, stats, **kwargs)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            cache._nursery = nursery
+            nursery.start_soon(cache._age_loop)
+            try:
+                yield cache
+            finally:
+                with trio.CancelScope(shield=True):
+                    await cache.close()
+                nursery.cancel_scope.cancel()
+
+    # -- files -----------------------------------------------------------------
+
+    async def attach(self, key: Key, reopen: Callable[[int], int], name: str) -> CachedFile:
+        """The CachedFile for *key*, created on first use; counts one more handle.
+
+        *reopen(flags)* opens the backing file and returns a descriptor.
+        """
+        cf = self.files.get(key)
+        if cf is None:
+            fd, direct, size = await self.io.meta(self._open_backing, reopen)
+            cf = self.files.get(key)
+            if cf is None:
+                cf = CachedFile(self, key, fd, direct, size, name)
+                self.files[key] = cf
+            else:
+                await self.io.meta(os.close, fd)
+        cf.handles += 1
+        return cf
+
+    def _open_backing(self, reopen: Callable[[int], int]) -> tuple[int, bool, int]:
+        flags = os.O_RDWR | os.O_CLOEXEC
+        direct = self.use_direct
+        if direct:
+            try:
+                fd = reopen(flags | os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                direct = False
+                fd = reopen(flags)
+                if not self._warned_no_direct:
+                    self._warned_no_direct = True
+                    log.warning("backing file refuses O_DIRECT; using buffered writes of "
+                                "the same aligned buffers (fsync still exact)")
+        else:
+            fd = reopen(flags)
+        return fd, direct, os.fstat(fd).st_size
+
+    def detach(self, cf: CachedFile) -> None:
+        """One handle of *cf* was released."""
+        cf.handles -= 1
+        if cf.handles == 0:
+            cf.start_write_back("close")
+            self._maybe_drop(cf)
+
+    def _maybe_drop(self, cf: CachedFile) -> None:
+        if cf.handles or cf.dirty or cf.flushing or cf.lock.locked():
+            return
+        if self.files.get(cf.key) is cf:
+            del self.files[cf.key]
+            # close() of a descriptor with nothing dirty does no I/O.
+            os.close(cf.fd)
+
+    # -- buffers ---------------------------------------------------------------
+
+    async def new_buffer(self, cf: CachedFile, window: int) -> Buffer:
+        """A filling buffer for *window* of *cf*; waits (backpressure) for memory."""
+        waited_since: float | None = None
+        while True:
+            buf = cf.filling.get(window)
+            if buf is not None:
+                break
+            if len(cf.filling) >= self.buffers_per_file:
+                self.seal(next(iter(cf.filling.values())), "moved_on")
+            mem = self.pool.try_take()
+            if mem is not None:
+                buf = Buffer(cf, mem, window, trio.current_time())
+                cf.filling[window] = buf
+                self.filling[buf] = None
+                self.stats.buffers_in_use = self.pool.in_use
+                break
+            if self.filling:
+                self.seal(next(iter(self.filling)), "pressure")
+            if waited_since is None:
+                waited_since = trio.current_time()
+            await self.pool.wait_for_free()
+        if waited_since is not None:
+            self.stats.writer_wait_seconds += trio.current_time() - waited_since
+        return buf
+
+    def seal(self, buf: Buffer, cause: str, kick: bool = True) -> None:
+        """Stop filling *buf* and queue it for write-out."""
+        cf = buf.file
+        del cf.filling[buf.window]
+        del self.filling[buf]
+        cf.queue.append(buf)
+        self.stats.flushes[cause] += 1
+        if kick:
+            self.kick(cf)
+
+    def drop_filling(self, buf: Buffer) -> None:
+        """Return an empty filling buffer to the pool (after truncate)."""
+        del buf.file.filling[buf.window]
+        del self.filling[buf]
+        self._release(buf)
+
+    def _release(self, buf: Buffer) -> None:
+        self.stats.dirty_bytes -= buf.ranges.total()
+        buf.done = True
+        self.pool.give_back(buf.mem)
+        self.stats.buffers_in_use = self.pool.in_use
+
+    def kick(self, cf: CachedFile, force: bool = False) -> None:
+        """Start the flusher of *cf* unless it runs (or is failing and not forced)."""
+        if cf.flushing or not cf.queue:
+            return
+        if cf.error is not None and not force \
+                and trio.current_time() - cf.error_time < self.flush_delay:
+            return
+        assert self._nursery is not None, "WriteCache used outside running()"
+        cf.flushing = True
+        self._nursery.start_soon(self._flusher, cf)
+
+    # -- write-out -------------------------------------------------------------
+
+    async def _flusher(self, cf: CachedFile) -> None:
+        buf: Buffer | None = None
+        try:
+            while cf.queue:
+                buf = cf.queue[0]
+                async with cf.lock:
+                    if buf.ranges:
+                        await self._write_out(cf, buf)
+                cf.queue.popleft()
+                self._release(buf)
+                if cf.error is not None:
+                    log.info("%s: write-back works again after: %s", cf.name, cf.error)
+                    cf.error = None
+                cf.progress.unpark_all()
+        except OSError as exc:
+            assert buf is not None
+            self.stats.backing_errors += 1
+            if cf.error is None or cf.error.errno != exc.errno:
+                log.error("%s: backing write at offset %d failed: %s (data kept buffered, "
+                          "will retry)", cf.name, buf.window + (buf.ranges.first()
+                                                                if buf.ranges else 0),
+                          os.strerror(exc.errno or errno.EIO))
+            cf.error = exc
+            cf.error_time = trio.current_time()
+        finally:
+            cf.flushing = False
+            cf.progress.unpark_all()
+            self._maybe_drop(cf)
+
+    async def _write_out(self, cf: CachedFile, buf: Buffer) -> None:
+        """Write *buf* to BACKING (caller holds cf.lock)."""
+        align, bsize, window = self.align, self.buffer_size, buf.window
+        extents: list[list[int]] = []
+        partial: set[int] = set()
+        for s, e in buf.ranges:
+            es, ee = s - s % align, min(bsize, -(-e // align) * align)
+            if extents and es <= extents[-1][1]:
+                extents[-1][1] = max(extents[-1][1], ee)
+            else:
+                extents.append([es, ee])
+            for edge in (s, e):
+                if edge % align:
+                    block = edge - edge % align
+                    if not buf.ranges.covers(block, block + align):
+                        partial.add(block)
+        to_read = sorted(b for b in partial if window + b < cf.backing_size)
+        for block in partial.difference(to_read):
+            for gs, ge in buf.ranges.gaps(block, block + align):
+                buf.view[gs:ge] = bytes(ge - gs)
+        if to_read:
+            await self.io.data(self._fill_partial_blocks, cf, buf, to_read)
+            self.stats.rmw_block_reads += len(to_read)
+            self.stats.backing_reads += len(to_read)
+            self.stats.backing_read_bytes += len(to_read) * align
+        await self.io.data(self._pwrite_extents, cf, buf, extents)
+        for es, ee in extents:
+            self.stats.backing_writes += 1
+            self.stats.backing_write_bytes += ee - es
+            if (window + es) % align or (ee - es) % align:
+                self.stats.unaligned_backing_writes += 1
+        end = window + extents[-1][1]
+        if end > cf.size:
+            # The last block was padded past EOF: cut the file back to its size.
+            await self.io.meta(os.ftruncate, cf.fd, cf.size)
+            cf.backing_size = cf.size
+        elif end > cf.backing_size:
+            cf.backing_size = end
+
+    def _fill_partial_blocks(self, cf: CachedFile, buf: Buffer, blocks: list[int]) -> None:
+        """Worker thread: read partly covered blocks and fill their uncovered bytes."""
+        align = self.align
+        scratch = mmap.mmap(-1, align)
+        try:
+            sview = memoryview(scratch)
+            for block in blocks:
+                n = self.io.pread_into(cf.fd, sview, buf.window + block, cf.name)
+                if n < align:
+                    sview[n:] = bytes(align - n)
+                for gs, ge in buf.ranges.gaps(block, block + align):
+                    buf.view[gs:ge] = sview[gs - block:ge - block]
+            sview.release()
+        finally:
+            scratch.close()
+
+    def _pwrite_extents(self, cf: CachedFile, buf: Buffer, extents: list[list[int]]) -> None:
+        """Worker thread: one pwrite per aligned extent."""
+        for es, ee in extents:
+            self.io.pwrite_all(cf.fd, buf.view[es:ee], buf.window + es, cf.name)
+
+    # -- timers and shutdown ---------------------------------------------------
+
+    async def _age_loop(self) -> None:
+        tick = min(self.flush_delay / 4, 1.0)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            while self.filling:
+                buf = next(iter(self.filling))
+                if now - buf.born < self.flush_delay - tick:
+                    break
+                self.seal(buf, "age")
+            for cf in list(self.files.values()):
+                if cf.error is not None:
+                    self.kick(cf)
+
+    async def flush_all(self, cause: str = "unmount",
+                        sync: bool = True) -> list[tuple[str, OSError]]:
+        """Write out (and fsync) every file; return the failures."""
+        failures: list[tuple[str, OSError]] = []
+        for cf in list(self.files.values()):
+            try:
+                await cf.write_back(cause)
+                if sync:
+                    await self.io.data(self.io.sync, cf.fd, False, cf.name)
+                    self.stats.backing_fsyncs += 1
+            except OSError as exc:
+                failures.append((cf.name, exc))
+        return failures
+
+    def unwritten_bytes(self) -> int:
+        return sum(cf.buffered_bytes() for cf in self.files.values())
+
+    async def close(self) -> None:
+        """Write everything out; log what could not be written."""
+        failures = await self.flush_all("unmount")
+        for name, exc in failures:
+            log.error("%s: could not write buffered data at unmount: %s", name, exc)
+        if failures:
+            log.error("%d bytes could not be written to BACKING", self.unwritten_bytes())
+        for cf in list(self.files.values()):
+            if not cf.dirty:
+                del self.files[cf.key]
+                os.close(cf.fd)
+        self.pool.close()
