@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flush", help="write out and fsync everything buffered now")
     f.add_argument("mountpoint", type=Path)
 
+    i = sub.add_parser("install-systemd",
+                       help="configure alignfs@INSTANCE.service for MOUNTPOINT and BACKING")
+    i.add_argument("instance", help="instance name, e.g. images")
+    i.add_argument("mountpoint", type=Path)
+    i.add_argument("backing", type=Path)
+    i.add_argument("options", nargs=argparse.REMAINDER,
+                   help="mount options for the daemon, e.g. --buffer-size 8M --allow-other")
+
     b = sub.add_parser("bench", help="benchmark direct vs alignfs on an HDD model",
                        add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
@@ -321,7 +329,8 @@ def cmd_umount(ns: argparse.Namespace) -> int:
     mp = Path(os.path.abspath(ns.mountpoint))
     if is_stale(str(mp)):
         # The daemon is gone: nothing is buffered any more; remove the dead mount.
-        result = subprocess.run(["umount", str(mp)], capture_output=True, text=True)
+        # -i: do not call umount.fuse.alignfs (that would be this command again).
+        result = subprocess.run(["umount", "-i", str(mp)], capture_output=True, text=True)
         if result.returncode != 0:
             result = subprocess.run(["fusermount3", "-u", "-z", str(mp)],
                                     capture_output=True, text=True)
@@ -474,7 +483,30 @@ def translate_mount_helper(argv: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "stats": cmd_stats, "flush": cmd_flush}
+def cmd_install_systemd(ns: argparse.Namespace) -> int:
+    from . import service
+
+    mp, back = Path(os.path.abspath(ns.mountpoint)), Path(os.path.abspath(ns.backing))
+    try:
+        # Validate the options now rather than at boot.
+        config_from_args(build_parser().parse_args(["mount", str(mp), str(back), *ns.options]))
+        written = service.write_instance(ns.instance, mp, back, ns.options)
+    except (ConfigError, ValueError) as exc:
+        print(f"alignfs: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    for path in written:
+        print(f"wrote {path}")
+    if service.systemd_running():
+        service.enable(ns.instance)
+        print(f"enabled alignfs@{ns.instance}.service; start it with: "
+              f"systemctl start alignfs@{ns.instance}")
+    else:
+        print("systemd is not running here; enable the unit on the target system")
+    return ExitCode.OK
+
+
+COMMANDS = {"install-systemd": cmd_install_systemd, "mount": cmd_mount, "umount": cmd_umount,
+            "stats": cmd_stats, "flush": cmd_flush}
 
 
 def main(argv: list[str] | None = None) -> int:

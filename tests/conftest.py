@@ -1,0 +1,138 @@
+"""Shared fixtures: real alignfs mounts in a subprocess, always cleaned up.
+
+``mount_alignfs(**options)`` mounts a fresh BACKING at a fresh MOUNTPOINT with
+the ``alignfs mount`` command (the daemon is a detached child, as for a
+user), waits until it answers, and on teardown unmounts with ``alignfs
+umount`` -- falling back to a lazy unmount and SIGKILL so a failed test never
+leaves a mount behind. The daemon's log is attached to failing tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ALIGNFS = [sys.executable, "-m", "alignfs"]
+
+
+def alignfs_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_alignfs(*args: str, check: bool = False, timeout: float = 120,
+                **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ALIGNFS, *args], env=alignfs_env(), capture_output=True,
+                          text=True, check=check, timeout=timeout, **kwargs)  # type: ignore
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+@dataclass
+class Mount:
+    mountpoint: Path
+    backing: Path
+    log: Path
+    options: list[str] = field(default_factory=list)
+
+    def stats(self) -> dict:
+        res = run_alignfs("stats", str(self.mountpoint), "--json", check=True)
+        return json.loads(res.stdout)
+
+    @property
+    def pid(self) -> int:
+        return int(self.stats()["pid"])
+
+    def umount(self) -> subprocess.CompletedProcess[str]:
+        return run_alignfs("umount", str(self.mountpoint))
+
+    def remount(self) -> None:
+        res = run_alignfs("mount", str(self.mountpoint), str(self.backing),
+                          "--log", str(self.log), *self.options)
+        assert res.returncode == 0, res.stderr
+
+
+def _force_cleanup(mountpoint: Path) -> None:
+    pid = None
+    try:
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    cmd = (p / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"alignfs" in b" ".join(cmd) and str(mountpoint).encode() in cmd:
+                    pid = int(p.name)
+    except OSError:
+        pass
+    subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def mount_alignfs(tmp_path: Path, request: pytest.FixtureRequest) \
+        -> Iterator[Callable[..., Mount]]:
+    mounts: list[Mount] = []
+
+    def make(*options: str, backing: Path | None = None, name: str = "m") -> Mount:
+        mp = tmp_path / f"{name}-mnt"
+        back = backing or tmp_path / f"{name}-backing"
+        mp.mkdir(exist_ok=True)
+        back.mkdir(exist_ok=True)
+        m = Mount(mp, back, tmp_path / f"{name}.log", list(options))
+        res = run_alignfs("mount", str(mp), str(back), "--log", str(m.log), *options)
+        assert res.returncode == 0, f"mount failed ({res.returncode}): {res.stderr}"
+        assert is_mounted(mp)
+        mounts.append(m)
+        return m
+
+    yield make
+
+    failed = []
+    for m in mounts:
+        if is_mounted(m.mountpoint):
+            try:
+                res = m.umount()
+                if res.returncode != 0:
+                    failed.append(f"{m.mountpoint}: umount exit {res.returncode}: {res.stderr}")
+            except subprocess.TimeoutExpired:
+                failed.append(f"{m.mountpoint}: umount timed out")
+            if is_mounted(m.mountpoint):
+                _force_cleanup(m.mountpoint)
+        if m.log.exists():
+            text = m.log.read_text(errors="replace")
+            request.node.add_report_section("teardown", f"daemon log {m.mountpoint}",
+                                            text[-20000:])
+            if "Traceback" in text or "internal error" in text:
+                failed.append(f"{m.mountpoint}: daemon logged an internal error:\n{text[-5000:]}")
+    if failed:
+        pytest.fail("\n".join(failed))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll *predicate* (for conditions in another process, which have no event)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
