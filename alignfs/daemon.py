@@ -161,12 +161,13 @@ class Daemon:
     async def _main(self, root_fd: int) -> ExitCode:
         cfg = self.config
         io = BackingIO(cfg.io_threads, cfg.fault_file, cfg.trace_file)
+        sync_fd = os.open(f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         mounted = False
         try:
             async with WriteCache.running(
                     io, self.stats, buffer_size=cfg.buffer_size, max_dirty=cfg.max_dirty,
                     buffers_per_file=cfg.buffers_per_file, flush_delay=cfg.flush_delay,
-                    align=self.align) as cache:
+                    align=self.align, sync_fd=sync_fd) as cache:
                 self.cache = cache
                 st = os.stat(cfg.mountpoint)
                 control = ControlFile(st.st_uid if os.geteuid() == 0 else os.geteuid(),

@@ -88,3 +88,11 @@ def dio_alignment(fd: int) -> tuple[int, int] | None:
     if not mem_align or not offset_align:
         return None
     return mem_align, offset_align
+
+
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def syncfs(fd: int) -> None:
+    """Flush everything of the filesystem holding *fd* (data and metadata) to disk."""
+    _check(_libc.syncfs(fd), "syncfs")

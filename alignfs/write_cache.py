@@ -38,6 +38,7 @@ from itertools import chain
 
 import trio
 
+from . import syscalls
 from .backing_io import BackingIO
 from .buffer_pool import BufferPool
 from .ranges import RangeSet
@@ -88,6 +89,8 @@ class CachedFile:
         self.lock = trio.Lock()
         self.progress = trio.lowlevel.ParkingLot()
         self.handles = 0
+        #: Set when the cache dropped this file and closed fd.
+        self.closed = False
         self.error: OSError | None = None
         self.error_time = 0.0
         self.write_gen = 0
@@ -191,11 +194,22 @@ class CachedFile:
         if synced == gen and self.error is None:
             return
         await self.write_back("fsync")
-        await cache.io.data(cache.io.sync, self.fd, datasync, self.name)
-        cache.stats.backing_fsyncs += 1
+        await self.sync_backing(datasync)
         self.synced_data_gen = max(self.synced_data_gen, gen)
         if not datasync:
             self.synced_full_gen = max(self.synced_full_gen, gen)
+
+    async def sync_backing(self, datasync: bool) -> None:
+        """fsync/fdatasync the backing file.
+
+        Under the lock: the descriptor cannot be closed (see WriteCache._maybe_drop)
+        while the worker thread uses it.
+        """
+        async with self.lock:
+            if self.closed:
+                raise OSError(errno.EBADF, "file already released")
+            await self.cache.io.data(self.cache.io.sync, self.fd, datasync, self.name)
+        self.cache.stats.backing_fsyncs += 1
 
     async def write_back(self, cause: str) -> None:
         """Write out everything buffered now; raise the backing error if that fails."""
@@ -232,8 +246,11 @@ class WriteCache:
     """All buffered files of one mount, their pool and their flusher tasks."""
 
     def __init__(self, io: BackingIO, stats: Stats, *, buffer_size: int, max_dirty: int,
-                 buffers_per_file: int, flush_delay: float, align: int) -> None:
+                 buffers_per_file: int, flush_delay: float, align: int,
+                 sync_fd: int | None = None) -> None:
         self.io = io
+        #: A descriptor on BACKING for syncfs (flush/unmount), or None.
+        self.sync_fd = sync_fd
         self.stats = stats
         self.buffer_size = buffer_size
         self.buffers_per_file = buffers_per_file
@@ -314,6 +331,7 @@ class WriteCache:
             return
         if self.files.get(cf.key) is cf:
             del self.files[cf.key]
+            cf.closed = True
             # close() of a descriptor with nothing dirty does no I/O.
             os.close(cf.fd)
 
@@ -486,16 +504,26 @@ class WriteCache:
 
     async def flush_all(self, cause: str = "unmount",
                         sync: bool = True) -> list[tuple[str, OSError]]:
-        """Write out (and fsync) every file; return the failures."""
+        """Write out every file, then make BACKING durable; return the failures.
+
+        Durability is one syncfs of BACKING (it also covers files already
+        written and released, and metadata such as renames), or an fsync per
+        cached file when no sync_fd was given.
+        """
         failures: list[tuple[str, OSError]] = []
         for cf in list(self.files.values()):
             try:
                 await cf.write_back(cause)
-                if sync:
-                    await self.io.data(self.io.sync, cf.fd, False, cf.name)
-                    self.stats.backing_fsyncs += 1
+                if sync and self.sync_fd is None and not cf.closed:
+                    await cf.sync_backing(False)
             except OSError as exc:
                 failures.append((cf.name, exc))
+        if sync and self.sync_fd is not None:
+            try:
+                await self.io.data(syscalls.syncfs, self.sync_fd)
+                self.stats.backing_fsyncs += 1
+            except OSError as exc:
+                failures.append(("BACKING", exc))
         return failures
 
     def unwritten_bytes(self) -> int:
@@ -511,5 +539,6 @@ class WriteCache:
         for cf in list(self.files.values()):
             if not cf.dirty:
                 del self.files[cf.key]
+                cf.closed = True
                 os.close(cf.fd)
         self.pool.close()

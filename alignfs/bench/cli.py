@@ -1,0 +1,415 @@
+"""Command line of ``alignfs bench``: options, presets, and the top-level flow.
+
+Flow: parse options -> set up the HDD model (and enter its cgroup) -> run each
+chosen scenario -> print the table (or JSON) -> tear everything down.  Exit
+status is 0 if every run succeeded, 1 if any run failed, 2 on bad usage or
+when the benchmark could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .cleanup import CleanupStack, install_signal_handlers, restore_signal_handlers
+from .hddmodel import HddModel, Throttle
+from .mount import AlignfsCommand
+from .report import render_json, render_table
+from .results import RowResult
+from .runner import Progress, Runner
+from .scenarios import SCENARIO_NAMES, BenchContext, ScenarioOptions, build_scenarios
+from .sysutil import GiB, MiB, format_bytes, parse_size, run, which
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCENARIOS = ("savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast")
+
+#: Values --demo sets unless the option is given explicitly.
+DEMO_PRESET: dict[str, Any] = {
+    "scenarios": ["savevm", "qemu-img-bench"],
+    "ram": 512 * MiB,
+    "bench_size": 512 * MiB,
+    "savevm_caches": ("none",),
+    "repeat": 1,
+}
+
+#: Defaults for options left unset (after the preset).
+DEFAULTS: dict[str, Any] = {
+    "scenarios": list(DEFAULT_SCENARIOS),
+    "ram": GiB,
+    "bench_size": GiB,
+    "savevm_caches": ("none", "writeback"),
+    "repeat": 3,
+}
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _scenario_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in SCENARIO_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario(s) {', '.join(bad) or '(none)'}; "
+            f"choose from {', '.join(SCENARIO_NAMES)}"
+        )
+    return names
+
+
+def _caches(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if "none" not in modes or any(m not in ("none", "writeback") for m in modes):
+        raise argparse.ArgumentTypeError("--savevm-caches takes none or none,writeback")
+    return modes
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alignfs bench",
+        description="Benchmark clients writing directly vs. through alignfs on a "
+        "throttled HDD model (zram + ext4 + blkio cgroup). Needs root.",
+    )
+    p.add_argument(
+        "--scenarios",
+        type=_scenario_list,
+        default=None,
+        help=f"comma-separated subset of {','.join(SCENARIO_NAMES)} (default: all)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=None,
+        help="runs per case; the median is reported (default 3)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="short preset: 512M savevm + 512M qemu-img bench, cache=none, "
+        "repeat 1 (explicit options still win)",
+    )
+    p.add_argument(
+        "--direct-only",
+        action="store_true",
+        help="skip the alignfs side (e.g. to measure the model alone)",
+    )
+
+    g = p.add_argument_group("HDD model")
+    g.add_argument(
+        "--iops",
+        type=_positive_int,
+        default=200,
+        help="IOPS limit for reads and for writes (default 200)",
+    )
+    bw = g.add_mutually_exclusive_group()
+    bw.add_argument(
+        "--bps",
+        type=_size,
+        default=None,
+        help="bandwidth limit per direction, bytes/s with units (default 150M)",
+    )
+    bw.add_argument(
+        "--mbps",
+        type=float,
+        default=None,
+        help="bandwidth limit per direction in MiB/s (default 150)",
+    )
+    g.add_argument("--no-throttle", action="store_true", help="no blkio limits at all")
+    g.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="use this existing directory (on a real disk) instead of zram",
+    )
+    g.add_argument(
+        "--model-size",
+        type=_size,
+        default=None,
+        help="zram disk size (default: enough for the chosen sizes)",
+    )
+
+    s = p.add_argument_group("scenario sizes")
+    s.add_argument("--ram", type=_size, default=None, help="savevm VM RAM size (default 1G)")
+    s.add_argument(
+        "--disk-size",
+        type=_size,
+        default=8 * GiB,
+        help="virtual size of the savevm qcow2 image (default 8G)",
+    )
+    s.add_argument(
+        "--savevm-caches",
+        type=_caches,
+        default=None,
+        help="qemu cache modes for savevm: none or none,writeback (default both)",
+    )
+    s.add_argument(
+        "--bench-size", type=_size, default=None, help="bytes qemu-img bench writes (default 1G)"
+    )
+    s.add_argument(
+        "--bench-depth",
+        type=_positive_int,
+        default=None,
+        help="qemu-img bench queue depth (default: qemu-img's)",
+    )
+    s.add_argument(
+        "--fio-runtime",
+        type=float,
+        default=10.0,
+        help="seconds per fio-4k / fio-512 run (default 10)",
+    )
+    s.add_argument(
+        "--fio-size",
+        type=_size,
+        default=256 * MiB,
+        help="file size for fio-4k / fio-512 (default 256M)",
+    )
+    s.add_argument(
+        "--fio-1m-size", type=_size, default=GiB, help="bytes written by fio-1m (default 1G)"
+    )
+    s.add_argument(
+        "--ram-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="tmpfs directory for the VM's RAM file (default /dev/shm)",
+    )
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds before a single client run is abandoned (default 3600)",
+    )
+
+    a = p.add_argument_group("alignfs")
+    a.add_argument(
+        "--alignfs-cmd",
+        default=None,
+        help="command prefix for alignfs (default: "
+        f"'{sys.executable} -m alignfs' with the source tree on PYTHONPATH)",
+    )
+    a.add_argument(
+        "--mount-options",
+        default="",
+        help="extra arguments for 'alignfs mount', e.g. '--buffer-size 4M'",
+    )
+
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    o.add_argument("--json-file", type=Path, default=None, help="also write JSON to this file")
+    o.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="keep qemu/alignfs logs here (default: kept only if a run failed)",
+    )
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    o.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse *argv* and resolve presets and defaults."""
+    args = build_parser().parse_args(argv)
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            value = DEMO_PRESET[key] if args.demo and key in DEMO_PRESET else default
+            setattr(args, key, value)
+    if args.mbps is not None:
+        args.bps = int(args.mbps * MiB)
+    elif args.bps is None:
+        args.bps = 150 * MiB
+    if args.model_size is None:
+        need = max(args.ram * 2, args.bench_size * 2, args.fio_1m_size * 2, args.fio_size * 2)
+        args.model_size = max(4 * GiB, need + GiB)
+    return args
+
+
+def scenario_options(args: argparse.Namespace) -> ScenarioOptions:
+    return ScenarioOptions(
+        ram=args.ram,
+        disk_size=args.disk_size,
+        savevm_caches=tuple(args.savevm_caches),
+        bench_total=args.bench_size,
+        bench_depth=args.bench_depth,
+        fio_runtime=args.fio_runtime,
+        fio_small_size=args.fio_size,
+        fio_1m_size=args.fio_1m_size,
+    )
+
+
+def alignfs_command(args: argparse.Namespace) -> AlignfsCommand:
+    cmd = AlignfsCommand(mount_options=shlex.split(args.mount_options))
+    if args.alignfs_cmd:
+        cmd.prefix = shlex.split(args.alignfs_cmd)
+    return cmd
+
+
+def throttle_from(args: argparse.Namespace) -> Throttle | None:
+    if args.no_throttle:
+        return None
+    return Throttle(
+        read_iops=args.iops, write_iops=args.iops, read_bps=args.bps, write_bps=args.bps
+    )
+
+
+def _tool_version(argv: list[str]) -> str | None:
+    if which(argv[0]) is None:
+        return None
+    proc = run(argv, check=False, timeout=30)
+    return proc.stdout.splitlines()[0].strip() if proc.stdout else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``alignfs bench``; returns the exit status."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    logging.basicConfig(
+        level=levels.get(args.verbose, logging.DEBUG),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if os.geteuid() != 0:
+        print(
+            "alignfs bench: must run as root (zram, cgroups, mounts, drop_caches)", file=sys.stderr
+        )
+        return 2
+    previous = install_signal_handlers()
+    try:
+        return _run(args)
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    scenarios = build_scenarios(args.scenarios, scenario_options(args))
+    runnable = []
+    skipped: list[str] = []
+    for sc in scenarios:
+        missing = sc.missing_tools()
+        if missing:
+            msg = f"skipping scenario {sc.name}: {', '.join(missing)} not installed"
+            print(f"alignfs bench: {msg}", file=sys.stderr)
+            skipped.append(msg)
+        else:
+            runnable.append(sc)
+    if not runnable:
+        print("alignfs bench: nothing to run", file=sys.stderr)
+        return 2
+    cmd = alignfs_command(args)
+    unavailable = "--direct-only" if args.direct_only else cmd.available()
+    if unavailable and not args.direct_only:
+        print(f"alignfs bench: alignfs side will fail: {unavailable}", file=sys.stderr)
+
+    rows: list[RowResult] = []
+    failed_runs = 0
+    with CleanupStack("bench-main") as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+        stack.push(f"remove {workdir}", lambda: shutil.rmtree(workdir, ignore_errors=True))
+        (workdir / "logs").mkdir()
+        ram_dir = args.ram_dir / f"bench-{os.getpid()}"
+        stack.push(f"remove {ram_dir}", lambda: shutil.rmtree(ram_dir, ignore_errors=True))
+        logs_kept = {"flag": True}  # cleared once every run succeeded
+
+        def keep_logs() -> None:
+            target = args.log_dir or (
+                Path(f"/tmp/bench-logs-{os.getpid()}") if logs_kept["flag"] else None
+            )
+            if target is not None and any((workdir / "logs").iterdir()):
+                shutil.copytree(workdir / "logs", target, dirs_exist_ok=True)
+                print(f"alignfs bench: logs kept in {target}", file=sys.stderr)
+
+        stack.push("keep logs", keep_logs)
+        with HddModel(
+            throttle=throttle_from(args),
+            size=args.model_size,
+            directory=args.dir,
+            workdir=workdir,
+        ) as model:
+            ctx = BenchContext(
+                workdir=workdir,
+                ram_dir=ram_dir,
+                logical_block_size=model.logical_block_size,
+                timeout=args.timeout,
+            )
+            runner = Runner(model, ctx, cmd, repeat=args.repeat, alignfs_unavailable=unavailable)
+            if args.direct_only:
+                runner.sides = {"direct"}
+            runner.progress = Progress(total=runner.count_runs(runnable), enabled=not args.quiet)
+            for sc in runnable:
+                rows.extend(runner.run_scenario(sc))
+            meta = _meta(args, model, cmd, skipped)
+        failed_runs = sum(1 for r in rows for run_ in r.direct_runs + r.alignfs_runs if not run_.ok)
+        logs_kept["flag"] = failed_runs > 0
+
+    text = render_json(rows, meta)
+    if args.json_file:
+        args.json_file.write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(_header(meta))
+        print(render_table(rows))
+        for msg in skipped:
+            print(f"({msg})")
+    return 1 if failed_runs else 0
+
+
+def _meta(
+    args: argparse.Namespace, model: HddModel, cmd: AlignfsCommand, skipped: list[str]
+) -> dict[str, Any]:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "model": model.describe(),
+        "throttled": args.no_throttle is False,
+        "repeat": args.repeat,
+        "scenarios": args.scenarios,
+        "sizes": {
+            "ram": args.ram,
+            "bench_size": args.bench_size,
+            "fio_runtime": args.fio_runtime,
+            "fio_size": args.fio_size,
+            "fio_1m_size": args.fio_1m_size,
+        },
+        "alignfs_command": cmd.prefix,
+        "mount_options": cmd.mount_options,
+        "qemu": _tool_version(["qemu-system-x86_64", "--version"]),
+        "qemu_img": _tool_version(["qemu-img", "--version"]),
+        "fio": _tool_version(["fio", "--version"]),
+        "skipped": skipped,
+    }
+
+
+def _header(meta: dict[str, Any]) -> str:
+    model = meta["model"]
+    thr = model.get("throttle")
+    if thr:
+        limit = f"{thr['write_iops']} IOPS, {thr['write_bps'] / MiB:g} MiB/s each way"
+    else:
+        limit = "no throttle"
+    size = f" {format_bytes(model['size'])}" if model.get("size") else ""
+    return (
+        f"alignfs bench -- model: {model['kind']}{size} ext4, {limit}; "
+        f"repeat {meta['repeat']}, median shown; kernel {meta['kernel']}"
+    )

@@ -1,0 +1,108 @@
+"""Rendering results: a plain-text table for people, JSON for machines.
+
+Table columns:
+
+``direct`` / ``alignfs``
+    median of the repeats: seconds until durable (time scenarios) or MB/s
+    (rate scenarios, 1 MB = 10^6 bytes);
+``speedup``
+    how many times better alignfs is (> 1: alignfs wins);
+``% limit``
+    alignfs throughput as a share of the model's write bandwidth limit;
+``writes in -> out``
+    alignfs ``write_requests`` -> ``backing_writes`` (medians);
+``CPU s/GiB``
+    alignfs daemon CPU seconds per GiB of payload.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from .results import RowResult
+
+HEADERS = (
+    "scenario",
+    "direct",
+    "alignfs",
+    "speedup",
+    "% limit",
+    "writes in -> out",
+    "CPU s/GiB",
+    "notes",
+)
+
+
+def fmt_metric(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if metric == "time":
+        return f"{value:.1f} s" if value >= 10 else f"{value:.2f} s"
+    mb = value / 1e6
+    return f"{mb:.0f} MB/s" if mb >= 100 else f"{mb:.2f} MB/s" if mb < 1 else f"{mb:.1f} MB/s"
+
+
+def fmt_count(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:,.0f}"
+
+
+def fmt_speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def fmt_percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def row_cells(row: RowResult) -> list[str]:
+    if row.alignfs_case is None:
+        writes = ""
+    elif row.write_requests is None and row.backing_writes is None:
+        writes = "-"
+    else:
+        writes = f"{fmt_count(row.write_requests)} -> {fmt_count(row.backing_writes)}"
+    cpu = row.daemon_cpu_per_gib
+    notes = row.flags
+    if row.errors:
+        notes = notes + [row.errors[0][:120]]
+
+    def side(case: str | None, name: str, value: float | None) -> str:
+        if case is None:
+            return ""
+        return "skipped" if name in row.skipped_sides else fmt_metric(row.metric, value)
+
+    return [
+        row.label,
+        side(row.direct_case, "direct", row.direct_median),
+        side(row.alignfs_case, "alignfs", row.alignfs_median),
+        fmt_speedup(row.speedup) if row.direct_case and row.alignfs_case else "",
+        fmt_percent(row.alignfs_percent_of_limit) if row.alignfs_case else "",
+        writes,
+        "-" if cpu is None or not row.alignfs_case else f"{cpu:.2f}",
+        "; ".join(notes),
+    ]
+
+
+def render_table(rows: Sequence[RowResult]) -> str:
+    """Fixed-width text table, one line per row, notes column last and unpadded."""
+    cells = [list(HEADERS)] + [row_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADERS) - 1)]
+    right = {1, 2, 3, 4, 5, 6}
+    out = []
+    for n, line in enumerate(cells):
+        parts = []
+        for i, cell in enumerate(line[:-1]):
+            parts.append(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
+        out.append(("  ".join(parts) + "  " + line[-1]).rstrip())
+        if n == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def render_json(rows: Sequence[RowResult], meta: dict[str, Any]) -> str:
+    """All rows with their individual runs, plus *meta* (model, options, versions)."""
+    return json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]}, indent=2)

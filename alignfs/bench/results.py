@@ -1,0 +1,217 @@
+"""Result records and the arithmetic on them (medians, speedups, percentages).
+
+A :class:`RunResult` is one execution of one client on one side (direct or
+through alignfs).  A :class:`RowResult` pairs the repeated runs of a direct
+case with those of an alignfs case and derives the numbers the table shows.
+
+Every scenario has a *metric*: ``"time"`` (seconds until the data is
+durable; lower is better) or ``"rate"`` (payload bytes per second over the
+same interval; higher is better).  The speedup is always "how many times
+better alignfs is", so > 1 means alignfs wins for either metric.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DIRECT = "direct"
+ALIGNFS = "alignfs"
+
+#: A run whose throttled bytes are below this share of the device's bytes is
+#: flagged: most of its I/O went past the throttle (kernel writeback).
+ESCAPE_FLAG_SHARE = 0.5
+
+
+@dataclass
+class RunResult:
+    """One execution of one case."""
+
+    scenario: str
+    case: str
+    side: str
+    rep: int
+    ok: bool = True
+    error: str | None = None
+    client_seconds: float | None = None
+    drain_seconds: float | None = None
+    payload_bytes: int | None = None
+    throttled_write_bytes: int | None = None
+    throttled_read_bytes: int | None = None
+    device_write_bytes: int | None = None
+    device_read_bytes: int | None = None
+    throttled: bool = False
+    stats: dict[str, Any] | None = None
+    daemon_cpu_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float | None:
+        """Client time plus the time to make its data durable (fsync / umount)."""
+        if self.client_seconds is None:
+            return None
+        return self.client_seconds + (self.drain_seconds or 0.0)
+
+    @property
+    def rate(self) -> float | None:
+        """Payload bytes per second over :attr:`total_seconds`."""
+        total = self.total_seconds
+        if not total or self.payload_bytes is None:
+            return None
+        return self.payload_bytes / total
+
+    def metric(self, kind: str) -> float | None:
+        return self.total_seconds if kind == "time" else self.rate
+
+    @property
+    def escaped(self) -> bool:
+        """True if most bytes written to the device were not charged to the throttle."""
+        if not self.throttled or not self.device_write_bytes:
+            return False
+        charged = self.throttled_write_bytes or 0
+        return charged < ESCAPE_FLAG_SHARE * self.device_write_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["total_seconds"] = self.total_seconds
+        data["rate"] = self.rate
+        data["escaped"] = self.escaped
+        return data
+
+
+def median(values: list[float]) -> float | None:
+    """Median of the values, None for an empty list."""
+    return statistics.median(values) if values else None
+
+
+def speedup(kind: str, direct: float | None, alignfs: float | None) -> float | None:
+    """How many times better alignfs is than direct (> 1: alignfs is faster)."""
+    if direct is None or alignfs is None or direct <= 0 or alignfs <= 0:
+        return None
+    return direct / alignfs if kind == "time" else alignfs / direct
+
+
+def percent_of(rate: float | None, limit: float | None) -> float | None:
+    """*rate* as a percentage of *limit* (both bytes/s); None if either is unknown."""
+    if rate is None or not limit:
+        return None
+    return 100.0 * rate / limit
+
+
+@dataclass
+class RowResult:
+    """One table line: a direct case against an alignfs case."""
+
+    scenario: str
+    label: str
+    metric: str
+    direct_case: str | None
+    alignfs_case: str | None
+    direct_runs: list[RunResult] = field(default_factory=list)
+    alignfs_runs: list[RunResult] = field(default_factory=list)
+    bandwidth_limit: float | None = None
+    notes: list[str] = field(default_factory=list)
+    skipped_sides: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def _median(runs: list[RunResult], fn: Any) -> float | None:
+        return median([v for v in (fn(r) for r in runs if r.ok) if v is not None])
+
+    @property
+    def direct_median(self) -> float | None:
+        return self._median(self.direct_runs, lambda r: r.metric(self.metric))
+
+    @property
+    def alignfs_median(self) -> float | None:
+        return self._median(self.alignfs_runs, lambda r: r.metric(self.metric))
+
+    @property
+    def speedup(self) -> float | None:
+        return speedup(self.metric, self.direct_median, self.alignfs_median)
+
+    @property
+    def alignfs_rate(self) -> float | None:
+        return self._median(self.alignfs_runs, lambda r: r.rate)
+
+    @property
+    def direct_rate(self) -> float | None:
+        return self._median(self.direct_runs, lambda r: r.rate)
+
+    @property
+    def alignfs_percent_of_limit(self) -> float | None:
+        return percent_of(self.alignfs_rate, self.bandwidth_limit)
+
+    def _stat_median(self, key: str) -> float | None:
+        def get(r: RunResult) -> float | None:
+            value = (r.stats or {}).get(key)
+            return float(value) if isinstance(value, int | float) else None
+
+        return self._median(self.alignfs_runs, get)
+
+    @property
+    def write_requests(self) -> float | None:
+        return self._stat_median("write_requests")
+
+    @property
+    def backing_writes(self) -> float | None:
+        return self._stat_median("backing_writes")
+
+    @property
+    def daemon_cpu_per_gib(self) -> float | None:
+        def get(r: RunResult) -> float | None:
+            if r.daemon_cpu_seconds is None or not r.payload_bytes:
+                return None
+            return r.daemon_cpu_seconds / (r.payload_bytes / (1 << 30))
+
+        return self._median(self.alignfs_runs, get)
+
+    @property
+    def errors(self) -> list[str]:
+        out = []
+        for r in self.direct_runs + self.alignfs_runs:
+            if not r.ok and r.error:
+                out.append(f"{r.side} rep {r.rep}: {r.error}")
+        return out
+
+    @property
+    def flags(self) -> list[str]:
+        """Short warnings for the table's notes column."""
+        out = list(self.notes)
+        for side, runs in ((DIRECT, self.direct_runs), (ALIGNFS, self.alignfs_runs)):
+            if any(r.escaped for r in runs if r.ok):
+                out.append(f"{side}: most bytes escaped the throttle")
+            failed = sum(1 for r in runs if not r.ok)
+            if failed:
+                out.append(f"{side}: {failed}/{len(runs)} runs failed")
+            for r in runs:
+                for note in r.notes:
+                    if note not in out:
+                        out.append(note)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "label": self.label,
+            "metric": self.metric,
+            "unit": "s" if self.metric == "time" else "B/s",
+            "direct_case": self.direct_case,
+            "alignfs_case": self.alignfs_case,
+            "direct_median": self.direct_median,
+            "alignfs_median": self.alignfs_median,
+            "speedup": self.speedup,
+            "direct_rate": self.direct_rate,
+            "alignfs_rate": self.alignfs_rate,
+            "bandwidth_limit": self.bandwidth_limit,
+            "alignfs_percent_of_limit": self.alignfs_percent_of_limit,
+            "write_requests": self.write_requests,
+            "backing_writes": self.backing_writes,
+            "daemon_cpu_seconds_per_gib": self.daemon_cpu_per_gib,
+            "skipped_sides": self.skipped_sides,
+            "flags": self.flags,
+            "errors": self.errors,
+            "direct_runs": [r.to_json() for r in self.direct_runs],
+            "alignfs_runs": [r.to_json() for r in self.alignfs_runs],
+        }

@@ -1,0 +1,234 @@
+"""Executing scenarios: fresh files, cold caches, alternating sides, repeats.
+
+For every repetition the runner walks the scenario's cases in order (they
+alternate direct / alignfs), and for each one:
+
+1. creates a fresh, empty run directory inside the HDD model and lets the
+   scenario create its input files there;
+2. syncs and drops the page cache, sets the throttle for the scenario;
+3. for an alignfs case, mounts a fresh alignfs over the run directory;
+4. runs the client (timed by the scenario);
+5. drains: ``fsync`` of the client's files, then for alignfs ``stats`` and
+   ``umount`` (which only returns once all data is written) -- the drain
+   time is part of the measured time;
+6. verifies the files in the backing directory and deletes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .hddmodel import HddModel
+from .mount import AlignfsCommand, AlignfsMount
+from .results import ALIGNFS, DIRECT, RowResult, RunResult
+from .scenarios import BenchContext, Case, ClientOutcome, Scenario
+from .sysutil import drop_caches, process_cpu_seconds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Prints one line per run to stderr (overwritten in place on a terminal)."""
+
+    total: int
+    stream: object = sys.stderr
+    done: int = 0
+    enabled: bool = True
+
+    def _write(self, text: str, final: bool) -> None:
+        if not self.enabled:
+            return
+        stream = self.stream
+        tty = getattr(stream, "isatty", lambda: False)()
+        if tty:
+            stream.write("\r\x1b[K" + text + ("\n" if final else ""))  # type: ignore[attr-defined]
+        elif final:
+            stream.write(text + "\n")  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]
+
+    def start(self, what: str) -> None:
+        self._write(f"[{self.done + 1}/{self.total}] {what} ...", final=False)
+
+    def finish(self, what: str, outcome: str) -> None:
+        self.done += 1
+        self._write(f"[{self.done}/{self.total}] {what}: {outcome}", final=True)
+
+
+def describe_run(r: RunResult, metric: str) -> str:
+    if not r.ok:
+        return f"FAILED: {r.error}"
+    parts = []
+    if r.total_seconds is not None:
+        parts.append(f"{r.total_seconds:.2f} s")
+        if r.drain_seconds and r.drain_seconds >= 0.01:
+            parts.append(f"(drain {r.drain_seconds:.2f} s)")
+    if r.rate is not None:
+        parts.append(f"{r.rate / 1e6:.1f} MB/s")
+    if r.escaped:
+        parts.append("[escaped throttle]")
+    return " ".join(parts)
+
+
+class Runner:
+    """Runs scenarios on one HDD model."""
+
+    def __init__(
+        self,
+        model: HddModel,
+        ctx: BenchContext,
+        alignfs: AlignfsCommand,
+        *,
+        repeat: int = 3,
+        alignfs_unavailable: str | None = None,
+        progress: Progress | None = None,
+        drop: Callable[[], None] = drop_caches,
+    ) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.alignfs = alignfs
+        self.repeat = repeat
+        self.alignfs_unavailable = alignfs_unavailable
+        self.progress = progress
+        self.drop = drop
+        self.sides = {DIRECT, ALIGNFS}
+        self._run_no = 0
+
+    def _cases(self, scenario: Scenario) -> list[Case]:
+        return [c for c in scenario.cases() if c.side in self.sides]
+
+    def count_runs(self, scenarios: list[Scenario]) -> int:
+        return sum(len(self._cases(s)) for s in scenarios) * self.repeat
+
+    def run_scenario(self, scenario: Scenario) -> list[RowResult]:
+        cases = self._cases(scenario)
+        runs: dict[str, list[RunResult]] = {c.key: [] for c in cases}
+        scenario.setup(self.ctx)
+        try:
+            for rep in range(1, self.repeat + 1):
+                for case in cases:
+                    runs[case.key].append(self.run_case(scenario, case, rep))
+        finally:
+            scenario.teardown(self.ctx)
+            self.model.set_throttled(True)
+        throttle = self.model.throttle
+        limit = throttle.write_bps if (throttle and scenario.throttled) else None
+        rows = []
+        for row in scenario.rows():
+            rows.append(
+                RowResult(
+                    scenario=scenario.name,
+                    label=row.label,
+                    metric=scenario.metric,
+                    direct_case=row.direct,
+                    alignfs_case=row.alignfs,
+                    direct_runs=runs.get(row.direct, []) if row.direct else [],
+                    alignfs_runs=runs.get(row.alignfs, []) if row.alignfs else [],
+                    bandwidth_limit=float(limit) if limit else None,
+                    notes=list(row.notes),
+                    skipped_sides=[side for side in (DIRECT, ALIGNFS) if side not in self.sides],
+                )
+            )
+        return rows
+
+    def run_case(self, scenario: Scenario, case: Case, rep: int) -> RunResult:
+        what = f"{scenario.name}: {case.label} (rep {rep}/{self.repeat})"
+        if self.progress:
+            self.progress.start(what)
+        result = RunResult(scenario=scenario.name, case=case.key, side=case.side, rep=rep)
+        if case.side == ALIGNFS and self.alignfs_unavailable:
+            result.ok = False
+            result.error = f"alignfs unavailable: {self.alignfs_unavailable}"
+        else:
+            try:
+                self._execute(scenario, case, result)
+            except Exception as exc:  # noqa: BLE001 - one failed run must not end the benchmark
+                log.debug("run failed", exc_info=True)
+                result.ok = False
+                result.error = f"{type(exc).__name__}: {exc}"
+        if self.progress:
+            self.progress.finish(what, describe_run(result, scenario.metric))
+        return result
+
+    def _execute(self, scenario: Scenario, case: Case, result: RunResult) -> None:
+        self._run_no += 1
+        backing = self.model.path / f"run-{self._run_no:03d}-{scenario.name}-{case.key}"
+        backing.mkdir()
+        mountpoint = self.ctx.workdir / f"mnt-{self._run_no:03d}"
+        try:
+            scenario.prepare(case, backing)
+            self.drop()
+            self.model.set_throttled(scenario.throttled)
+            result.throttled = self.model.throttled
+            before = self.model.io_counters()
+            if case.side == ALIGNFS:
+                mountpoint.mkdir()
+                try:
+                    self._run_alignfs(scenario, case, result, backing, mountpoint)
+                finally:
+                    mountpoint.rmdir()
+            else:
+                outcome = scenario.run(case, backing, self.ctx)
+                self._record_outcome(result, outcome)
+                t0 = time.monotonic()
+                _fsync_files(backing, outcome.files)
+                result.drain_seconds = time.monotonic() - t0
+            delta = self.model.io_counters() - before
+            result.throttled_write_bytes = delta.throttled_write
+            result.throttled_read_bytes = delta.throttled_read
+            result.device_write_bytes = delta.device_write
+            result.device_read_bytes = delta.device_read
+            problem = scenario.verify(case, backing)
+            if problem:
+                result.ok = False
+                result.error = f"verification failed: {problem}"
+        finally:
+            self.model.set_throttled(True)
+            shutil.rmtree(backing, ignore_errors=True)
+
+    def _run_alignfs(
+        self, scenario: Scenario, case: Case, result: RunResult, backing: Path, mountpoint: Path
+    ) -> None:
+        with AlignfsMount(self.alignfs, mountpoint, backing, self.ctx.workdir / "logs") as mnt:
+            cpu0 = process_cpu_seconds(mnt.pid) if mnt.pid else None
+            outcome = scenario.run(case, mountpoint, self.ctx)
+            self._record_outcome(result, outcome)
+            t0 = time.monotonic()
+            _fsync_files(mountpoint, outcome.files)
+            fsync_seconds = time.monotonic() - t0
+            result.stats = mnt.stats()
+            cpu1 = process_cpu_seconds(mnt.pid) if mnt.pid else None
+            if cpu0 is not None and cpu1 is not None:
+                result.daemon_cpu_seconds = cpu1 - cpu0
+            ok = mnt.umount()
+            result.drain_seconds = fsync_seconds + (mnt.umount_seconds or 0.0)
+            result.extra["umount_seconds"] = mnt.umount_seconds
+            if not ok:
+                raise RuntimeError(mnt.umount_error or "alignfs umount failed")
+
+    @staticmethod
+    def _record_outcome(result: RunResult, outcome: ClientOutcome) -> None:
+        result.client_seconds = outcome.seconds
+        result.payload_bytes = outcome.payload_bytes
+        result.notes.extend(outcome.notes)
+        result.extra.update(outcome.extra)
+
+
+def _fsync_files(directory: Path, names: list[str]) -> None:
+    """fsync each file (read-only open is enough on Linux) and the directory."""
+    for name in names:
+        path = directory / name
+        if not path.exists():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

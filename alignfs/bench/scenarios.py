@@ -1,0 +1,486 @@
+"""The benchmark scenarios: which clients run, on which files, and what counts.
+
+A scenario declares *cases* (one client configuration on one side, direct or
+alignfs) and *rows* (which direct case the table compares with which alignfs
+case).  For each case the runner calls, in order:
+
+``prepare(case, backing)``
+    create the input files in the (fresh, empty) backing directory;
+``run(case, target, ctx)``
+    run the client against *target* (the backing directory itself for a
+    direct case, the alignfs mount point for an alignfs case) and return a
+    :class:`ClientOutcome` with its timing and payload size;
+``verify(case, backing)``
+    check, after unmount, that the files in the backing directory are intact.
+
+Scenarios whose client program is missing are skipped, not failed: see
+:meth:`Scenario.missing_tools`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .results import ALIGNFS, DIRECT
+from .sysutil import GiB, MiB, format_bytes, run, which
+from .vm import QEMU, PausedVm, make_random_file, qemu_argv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One client configuration on one side."""
+
+    key: str
+    side: str
+    label: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def param(self, name: str, default: Any = None) -> Any:
+        return dict(self.params).get(name, default)
+
+
+@dataclass(frozen=True)
+class RowDef:
+    """A table line: compare direct case *direct* with alignfs case *alignfs*."""
+
+    label: str
+    direct: str | None
+    alignfs: str | None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class ClientOutcome:
+    """What a client run produced."""
+
+    seconds: float
+    payload_bytes: int
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchContext:
+    """What scenarios need from the harness."""
+
+    workdir: Path
+    ram_dir: Path
+    logical_block_size: int = 4096
+    timeout: float = 3600.0
+
+
+class Scenario:
+    """Base class; subclasses fill in the cases and the client."""
+
+    name: str = ""
+    description: str = ""
+    metric: str = "time"
+    throttled: bool = True
+    tools: tuple[str, ...] = ()
+
+    def missing_tools(self) -> list[str]:
+        return [t for t in self.tools if which(t) is None]
+
+    def cases(self) -> list[Case]:
+        raise NotImplementedError
+
+    def rows(self) -> list[RowDef]:
+        raise NotImplementedError
+
+    def setup(self, ctx: BenchContext) -> None:
+        """Create resources shared by all runs (called once)."""
+
+    def teardown(self, ctx: BenchContext) -> None:
+        """Remove what :meth:`setup` created (always called)."""
+
+    def prepare(self, case: Case, backing: Path) -> None:
+        """Create fresh input files in *backing* before a run."""
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        raise NotImplementedError
+
+    def verify(self, case: Case, backing: Path) -> str | None:
+        """None if the result files are intact, else what is wrong."""
+        return None
+
+
+# --------------------------------------------------------------------------
+# savevm
+
+
+class SavevmScenario(Scenario):
+    """``savevm`` of a paused VM with random RAM into a qcow2 image (the headline)."""
+
+    metric = "time"
+    tools = (QEMU, "qemu-img")
+
+    #: (case key, side, qemu cache mode)
+    ALL_CASES = (
+        ("direct-none", DIRECT, "none"),
+        ("alignfs-none", ALIGNFS, "none"),
+        ("direct-writeback", DIRECT, "writeback"),
+        ("alignfs-writeback", ALIGNFS, "writeback"),
+    )
+
+    def __init__(
+        self,
+        *,
+        ram: int = GiB,
+        disk_size: int = 8 * GiB,
+        name: str = "savevm",
+        throttled: bool = True,
+        caches: tuple[str, ...] = ("none", "writeback"),
+    ) -> None:
+        self.name = name
+        self.ram = ram
+        self.disk_size = disk_size
+        self.throttled = throttled
+        self.caches = caches
+        self.description = f"savevm of {format_bytes(ram)} random RAM into qcow2"
+        self.ram_file: Path | None = None
+
+    def cases(self) -> list[Case]:
+        return [
+            Case(key, side, f"{side} cache={cache}", (("cache", cache),))
+            for key, side, cache in self.ALL_CASES
+            if cache in self.caches
+        ]
+
+    def rows(self) -> list[RowDef]:
+        size = format_bytes(self.ram)
+        rows = [RowDef(f"savevm {size} cache=none", "direct-none", "alignfs-none")]
+        if "writeback" in self.caches:
+            rows += [
+                RowDef(
+                    f"savevm {size} alignfs cache=writeback",
+                    "direct-none",
+                    "alignfs-writeback",
+                    ("direct side: cache=none",),
+                ),
+                RowDef(
+                    f"savevm {size} direct cache=writeback (reference)",
+                    "direct-writeback",
+                    None,
+                ),
+            ]
+        return rows
+
+    def setup(self, ctx: BenchContext) -> None:
+        ctx.ram_dir.mkdir(parents=True, exist_ok=True)
+        self.ram_file = ctx.ram_dir / f"ram-{self.ram}.bin"
+        log.info("creating %s of random data in %s", format_bytes(self.ram), self.ram_file)
+        make_random_file(self.ram_file, self.ram)
+
+    def teardown(self, ctx: BenchContext) -> None:
+        if self.ram_file is not None:
+            self.ram_file.unlink(missing_ok=True)
+
+    def prepare(self, case: Case, backing: Path) -> None:
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                str(backing / "disk.qcow2"),
+                str(self.disk_size),
+            ],
+            timeout=60,
+        )
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        assert self.ram_file is not None
+        sock = ctx.workdir / "qmp.sock"
+        sock.unlink(missing_ok=True)
+        argv = qemu_argv(
+            ram_file=self.ram_file,
+            ram_size=self.ram,
+            disk=target / "disk.qcow2",
+            cache=case.param("cache"),
+            qmp_socket=sock,
+        )
+        log_path = ctx.workdir / "logs" / f"qemu-{self.name}-{case.key}.log"
+        vm = PausedVm(argv, sock, log_path)
+        try:
+            with vm:
+                seconds = vm.savevm("snap1", timeout=ctx.timeout)
+                status = vm.quit()
+        except Exception as exc:
+            raise RuntimeError(f"{exc} [qemu log: {vm.log_tail(500)}]") from exc
+        finally:
+            sock.unlink(missing_ok=True)
+        if status != 0:
+            raise RuntimeError(f"qemu exited with {status}: {vm.log_tail(500)}")
+        return ClientOutcome(seconds, self.ram, files=["disk.qcow2"])
+
+    def verify(self, case: Case, backing: Path) -> str | None:
+        image = str(backing / "disk.qcow2")
+        check = run(["qemu-img", "check", "-f", "qcow2", image], check=False, timeout=600)
+        if check.returncode != 0:
+            return f"qemu-img check failed ({check.returncode}): {check.stdout.strip()[-400:]}"
+        snaps = run(["qemu-img", "snapshot", "-l", image], check=False, timeout=600)
+        if snaps.returncode != 0 or not re.search(r"\bsnap1\b", snaps.stdout):
+            return f"snapshot snap1 not listed: {snaps.stdout.strip()[-400:]}"
+        return None
+
+
+# --------------------------------------------------------------------------
+# qemu-img bench
+
+
+class QemuImgBenchScenario(Scenario):
+    """``qemu-img bench -w -t none`` with unaligned 128 KiB + 256 B sequential writes."""
+
+    metric = "time"
+    tools = ("qemu-img",)
+
+    def __init__(
+        self,
+        *,
+        total: int = GiB,
+        buffer_size: int = 131328,
+        formats: tuple[str, ...] = ("raw", "qcow2"),
+        depth: int | None = None,
+        name: str = "qemu-img-bench",
+        throttled: bool = True,
+    ) -> None:
+        self.name = name
+        self.buffer_size = buffer_size
+        self.count = -(-total // buffer_size)  # at least *total* bytes
+        self.formats = formats
+        self.depth = depth
+        self.throttled = throttled
+        self.description = (
+            f"qemu-img bench -w -t none -s {buffer_size} -S {buffer_size} -c {self.count}"
+        )
+
+    @property
+    def payload(self) -> int:
+        return self.count * self.buffer_size
+
+    def cases(self) -> list[Case]:
+        return [
+            Case(f"{side}-{fmt}", side, f"{side} {fmt}", (("format", fmt),))
+            for fmt in self.formats
+            for side in (DIRECT, ALIGNFS)
+        ]
+
+    def rows(self) -> list[RowDef]:
+        return [
+            RowDef(
+                f"qemu-img bench {fmt} {format_bytes(self.buffer_size)}B x {self.count}",
+                f"direct-{fmt}",
+                f"alignfs-{fmt}",
+            )
+            for fmt in self.formats
+        ]
+
+    def _image(self, case: Case) -> str:
+        return f"bench.{case.param('format')}"
+
+    def prepare(self, case: Case, backing: Path) -> None:
+        size = -(-(self.payload + MiB) // MiB) * MiB
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                case.param("format"),
+                str(backing / self._image(case)),
+                str(size),
+            ],
+            timeout=60,
+        )
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        argv = [
+            "qemu-img",
+            "bench",
+            "-w",
+            "-t",
+            "none",
+            "-f",
+            case.param("format"),
+            "-c",
+            str(self.count),
+            "-s",
+            str(self.buffer_size),
+            "-S",
+            str(self.buffer_size),
+        ]
+        if self.depth is not None:
+            argv += ["-d", str(self.depth)]
+        argv.append(str(target / self._image(case)))
+        t0 = time.monotonic()
+        proc = run(argv, timeout=ctx.timeout)
+        wall = time.monotonic() - t0
+        match = re.search(r"Run completed in ([\d.]+) seconds", proc.stdout)
+        seconds = float(match.group(1)) if match else wall
+        return ClientOutcome(
+            seconds, self.payload, files=[self._image(case)], extra={"wall_seconds": wall}
+        )
+
+    def verify(self, case: Case, backing: Path) -> str | None:
+        image = backing / self._image(case)
+        if case.param("format") == "qcow2":
+            check = run(["qemu-img", "check", "-f", "qcow2", str(image)], check=False, timeout=600)
+            if check.returncode != 0:
+                return f"qemu-img check failed: {check.stdout.strip()[-400:]}"
+        elif image.stat().st_size < self.payload:
+            return f"{image.name} is shorter than the data written"
+        return None
+
+
+# --------------------------------------------------------------------------
+# fio
+
+
+class FioScenario(Scenario):
+    """Sequential fio writes of one block size with O_DIRECT, queue depth 1."""
+
+    metric = "rate"
+    tools = ("fio",)
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        bs: int,
+        size: int,
+        runtime: float | None = None,
+        throttled: bool = True,
+    ) -> None:
+        self.name = name
+        self.bs = bs
+        self.size = size
+        self.runtime = runtime
+        self.throttled = throttled
+        limit = f"{runtime:g} s" if runtime else format_bytes(size)
+        self.description = f"fio rw=write bs={bs} direct=1 psync iodepth=1, {limit}"
+
+    def cases(self) -> list[Case]:
+        return [Case(DIRECT, DIRECT, DIRECT), Case(ALIGNFS, ALIGNFS, ALIGNFS)]
+
+    def rows(self) -> list[RowDef]:
+        limit = f"{self.runtime:g}s" if self.runtime else format_bytes(self.size)
+        return [RowDef(f"fio write bs={format_bytes(self.bs)} {limit}", DIRECT, ALIGNFS)]
+
+    def argv(self, target: Path, direct: bool) -> list[str]:
+        argv = [
+            "fio",
+            "--name=bench",
+            f"--filename={target / 'fio.dat'}",
+            "--rw=write",
+            f"--bs={self.bs}",
+            "--iodepth=1",
+            "--ioengine=psync",
+            f"--size={self.size}",
+            "--fallocate=none",
+            "--output-format=json",
+        ]
+        argv += ["--direct=1"] if direct else ["--direct=0", "--sync=1"]
+        if self.runtime:
+            argv += [f"--runtime={self.runtime:g}", "--time_based"]
+        return argv
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        notes = []
+        direct = True
+        if case.side == DIRECT and self.bs < ctx.logical_block_size:
+            # O_DIRECT needs logical-block alignment on the raw device; the
+            # closest thing a client can do is synchronous buffered writes.
+            direct = False
+            notes.append(
+                f"direct side used O_SYNC (O_DIRECT needs {ctx.logical_block_size}-byte blocks)"
+            )
+        proc = run(self.argv(target, direct), timeout=ctx.timeout + (self.runtime or 0))
+        write = parse_fio_json(proc.stdout)
+        return ClientOutcome(
+            write["runtime"] / 1000.0,
+            int(write["io_bytes"]),
+            files=["fio.dat"],
+            notes=notes,
+            extra={"fio_iops": write.get("iops"), "fio_bw_bytes": write.get("bw_bytes")},
+        )
+
+
+def parse_fio_json(text: str) -> dict[str, Any]:
+    """The ``write`` section of the first job in fio's JSON output."""
+    start = text.find("{")
+    if start < 0:
+        raise ValueError(f"no JSON in fio output: {text[:300]!r}")
+    data, _ = json.JSONDecoder().raw_decode(text[start:])
+    job = data["jobs"][0]
+    if job.get("error"):
+        raise RuntimeError(f"fio job error {job['error']}")
+    return job["write"]
+
+
+# --------------------------------------------------------------------------
+# registry
+
+
+SCENARIO_NAMES = ("savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast")
+
+
+@dataclass
+class ScenarioOptions:
+    """Sizes and limits the scenarios are built with (from the command line)."""
+
+    ram: int = GiB
+    disk_size: int = 8 * GiB
+    savevm_caches: tuple[str, ...] = ("none", "writeback")
+    bench_total: int = GiB
+    bench_depth: int | None = None
+    fio_runtime: float = 10.0
+    fio_small_size: int = 256 * MiB
+    fio_1m_size: int = GiB
+
+
+def build_scenarios(names: list[str], opts: ScenarioOptions) -> list[Scenario]:
+    """Scenario objects for *names* (``fast`` expands into two)."""
+    out: list[Scenario] = []
+    for name in names:
+        if name == "savevm":
+            out.append(
+                SavevmScenario(ram=opts.ram, disk_size=opts.disk_size, caches=opts.savevm_caches)
+            )
+        elif name == "qemu-img-bench":
+            out.append(QemuImgBenchScenario(total=opts.bench_total, depth=opts.bench_depth))
+        elif name == "fio-4k":
+            out.append(
+                FioScenario(name=name, bs=4096, size=opts.fio_small_size, runtime=opts.fio_runtime)
+            )
+        elif name == "fio-512":
+            out.append(
+                FioScenario(name=name, bs=512, size=opts.fio_small_size, runtime=opts.fio_runtime)
+            )
+        elif name == "fio-1m":
+            out.append(FioScenario(name=name, bs=MiB, size=opts.fio_1m_size))
+        elif name == "fast":
+            out.append(
+                SavevmScenario(
+                    name="fast-savevm",
+                    ram=opts.ram,
+                    disk_size=opts.disk_size,
+                    throttled=False,
+                    caches=("none",),
+                )
+            )
+            out.append(
+                FioScenario(name="fast-fio-1m", bs=MiB, size=opts.fio_1m_size, throttled=False)
+            )
+        else:
+            raise ValueError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIO_NAMES)})")
+    return out

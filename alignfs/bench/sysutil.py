@@ -1,0 +1,167 @@
+"""Small system helpers shared by the benchmark modules.
+
+Running commands with logging, parsing sizes, dropping the page cache,
+reading a process' CPU time and finding the block device under a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
+
+
+class CommandError(RuntimeError):
+    """A command exited non-zero; carries its output for the report."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, output: str) -> None:
+        tail = output.strip()[-2000:]
+        super().__init__(f"{argv[0]} exited with {returncode}: {tail}")
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text`` such as ``512M``, ``1G``, ``4096``, ``1.5GiB`` (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"invalid size {text!r} (expected e.g. 4096, 64K, 512M, 1G)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def format_bytes(n: float) -> str:
+    """``536870912`` -> ``512M``; used in labels and command lines."""
+    for unit, factor in (("G", GiB), ("M", MiB), ("K", KiB)):
+        if n >= factor and n % factor == 0:
+            return f"{int(n // factor)}{unit}"
+    return str(int(n))
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float | None = None,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run *argv*, capturing stdout and stderr (merged); raise CommandError if *check*."""
+    log.debug("run: %s", " ".join(argv))
+    proc = subprocess.run(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stdout)
+    return proc
+
+
+def which(name: str) -> str | None:
+    """Absolute path of the executable *name*, or None."""
+    return shutil.which(name)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    """Write to a sysfs/procfs/cgroupfs file in one ``write()`` call."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def drop_caches() -> None:
+    """``sync`` then ``echo 3 > /proc/sys/vm/drop_caches`` (tmpfs is not affected)."""
+    os.sync()
+    try:
+        write_text("/proc/sys/vm/drop_caches", "3")
+    except OSError as exc:
+        log.warning("cannot drop caches: %s", exc)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of process *pid* in seconds, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def find_pids_with_arg(needle: str) -> list[int]:
+    """PIDs whose command line contains the exact argument *needle*."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle.encode() in args:
+            pids.append(int(entry.name))
+    return pids
+
+
+def whole_disk_of(dev: int) -> tuple[int, int]:
+    """(major, minor) of the whole disk holding device number *dev*.
+
+    blk-throttle rules are set per disk, so a partition is mapped to its parent.
+    """
+    major, minor = os.major(dev), os.minor(dev)
+    sys_dir = Path(f"/sys/dev/block/{major}:{minor}")
+    if not sys_dir.exists():
+        raise ValueError(f"device {major}:{minor} is not a block device (tmpfs, overlay, ...?)")
+    if (sys_dir / "partition").exists():
+        parent = sys_dir.resolve().parent
+        major, minor = (int(x) for x in (parent / "dev").read_text().split(":"))
+    return major, minor
+
+
+def block_queue_attr(major: int, minor: int, name: str) -> str | None:
+    """A ``queue/`` attribute of a disk, e.g. ``logical_block_size``."""
+    try:
+        return Path(f"/sys/dev/block/{major}:{minor}/queue/{name}").read_text().strip()
+    except OSError:
+        return None
+
+
+def is_mountpoint(path: Path | str) -> bool:
+    """True if *path* is listed as a mount point in /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return os.path.ismount(target)
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and _unescape_mount(fields[4]) == target:
+            return True
+    return False
+
+
+def _unescape_mount(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
