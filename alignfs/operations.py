@@ -502,13 +502,12 @@ class Operations(pyfuse3.Operations):
         return len(buf)
 
     async def flush(self, fh: int) -> None:
+        # FLUSH comes with every close() of a descriptor, including the copies a
+        # fork+exec closes, so it only reports a pending write-back error; the
+        # write-back itself starts when the last handle is released.
         handle = self._handles[fh]
-        cf = handle.cached
-        if cf is None:
-            return
-        if cf.handles == 1:
-            cf.start_write_back("close")
-        cf.raise_error()
+        if handle.cached is not None:
+            handle.cached.raise_error()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles[fh]
