@@ -29,11 +29,14 @@ class BufferPool:
         """Buffers handed out and not yet returned."""
         return self._allocated - len(self._free)
 
-    def try_take(self) -> mmap.mmap | None:
-        """A buffer if one is free or may still be allocated, else None."""
+    def try_take(self, extra: int = 0) -> mmap.mmap | None:
+        """A buffer if one is free or may still be allocated, else None.
+
+        *extra* raises the bound for this call (buffers stuck on a failing file).
+        """
         if self._free:
             return self._free.pop()
-        if self._allocated < self.max_buffers:
+        if self._allocated < self.max_buffers + extra:
             self._allocated += 1
             return mmap.mmap(-1, self.buffer_size)
         return None

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. QEMU as libvirt-qemu) use the mount; "
                    "the kernel enforces file modes")
+    m.add_argument("--nonempty", action="store_true",
+                   help="allow mounting over a non-empty MOUNTPOINT (hides its files)")
     m.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached and log to stderr")
     m.add_argument("--debug", action="store_true", help="log every decision")
@@ -149,7 +151,7 @@ def config_from_args(ns: argparse.Namespace) -> MountConfig:
     return cfg
 
 
-def check_paths(cfg: MountConfig) -> tuple[ExitCode, str] | None:
+def check_paths(cfg: MountConfig, nonempty: bool = False) -> tuple[ExitCode, str] | None:
     """The first reason the mount cannot work, or None."""
     if not os.path.exists("/dev/fuse"):
         return ExitCode.FUSE_UNAVAILABLE, "/dev/fuse does not exist (modprobe fuse?)"
@@ -173,6 +175,10 @@ def check_paths(cfg: MountConfig) -> tuple[ExitCode, str] | None:
             f"MOUNTPOINT {cfg.mountpoint} is inside BACKING {cfg.backing} (recursion)")
     if fuse_mount_type(mp) == "fuse.alignfs":
         return ExitCode.BAD_MOUNTPOINT, f"MOUNTPOINT {cfg.mountpoint} is already an alignfs mount"
+    if not nonempty and any(os.scandir(mp)):
+        return ExitCode.BAD_MOUNTPOINT, (
+            f"MOUNTPOINT {cfg.mountpoint} is not empty (its files would be hidden); "
+            "use --nonempty to mount anyway")
     return None
 
 
@@ -203,7 +209,8 @@ def _child_args(cfg: MountConfig, ready_fd: int) -> list[str]:
             "--foreground", "--ready-fd", str(ready_fd),
             "--buffer-size", str(cfg.buffer_size), "--max-dirty", str(cfg.max_dirty),
             "--buffers-per-file", str(cfg.buffers_per_file),
-            "--flush-delay", str(cfg.flush_delay), "--io-threads", str(cfg.io_threads)]
+            "--flush-delay", str(cfg.flush_delay), "--io-threads", str(cfg.io_threads),
+            "--nonempty"]
     if cfg.align is not None:
         args += ["--align", str(cfg.align)]
     if cfg.allow_other:
@@ -294,7 +301,7 @@ def cmd_mount(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"alignfs: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    problem = check_paths(cfg)
+    problem = check_paths(cfg, ns.nonempty)
     if problem:
         code, text = problem
         print(f"alignfs: {text}", file=sys.stderr)
@@ -349,9 +356,10 @@ def cmd_umount(ns: argparse.Namespace) -> int:
         request(str(mp), XATTR_UMOUNT)
     except OSError as exc:
         code = _control_error(mp, exc)
-        if code == ExitCode.UNWRITTEN_DATA:
+        if code in (ExitCode.UNWRITTEN_DATA, ExitCode.INTERNAL):
             print(f"alignfs: buffered data could not be written; {mp} stays mounted so "
                   "nothing is lost. Fix BACKING and retry.", file=sys.stderr)
+            code = ExitCode.UNWRITTEN_DATA
         return code
     deadline = None if ns.timeout is None else time.monotonic() + ns.timeout
     while _pid_alive(pid):

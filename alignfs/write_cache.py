@@ -49,6 +49,15 @@ log = logging.getLogger(__name__)
 #: A backing key: (st_dev, st_ino) of the backing file.
 Key = tuple[int, int]
 
+#: Write-out errors that no retry can fix (offset beyond the backing
+#: filesystem's maximum file size, a request it rejects): the data is dropped
+#: and the error reported once, as the kernel's page cache does. Every other
+#: error keeps the data buffered and is retried.
+PERMANENT_ERRNOS = frozenset({errno.EFBIG, errno.EINVAL})
+
+#: Largest file offset Linux allows.
+MAX_OFFSET = (1 << 63) - 1
+
 
 class Buffer:
     """One window's worth of buffered data, in page-aligned memory."""
@@ -91,8 +100,11 @@ class CachedFile:
         self.handles = 0
         #: Set when the cache dropped this file and closed fd.
         self.closed = False
+        #: A failing write-out (data kept, retried); refuses writes until it works.
         self.error: OSError | None = None
         self.error_time = 0.0
+        #: A write-out that failed for good (data dropped); reported once.
+        self.lost_error: OSError | None = None
         self.write_gen = 0
         self.synced_data_gen = -1
         self.synced_full_gen = -1
@@ -106,6 +118,8 @@ class CachedFile:
         bsize = cache.buffer_size
         view = memoryview(data)
         pos, end = off, off + len(data)
+        if end > cache.max_offset:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         while pos < end:
             window = pos - pos % bsize
             buf = self.filling.get(window)
@@ -195,6 +209,7 @@ class CachedFile:
             return
         await self.write_back("fsync")
         await self.sync_backing(datasync)
+        self.raise_error()
         self.synced_data_gen = max(self.synced_data_gen, gen)
         if not datasync:
             self.synced_full_gen = max(self.synced_full_gen, gen)
@@ -230,9 +245,12 @@ class CachedFile:
             self.cache.kick(self, force=force)
 
     def raise_error(self) -> None:
-        """Refuse new data while a write-out of this file is failing."""
+        """Raise a failing write-out's error, or (once) a permanent one."""
         if self.error is not None:
             raise self.error
+        if self.lost_error is not None:
+            exc, self.lost_error = self.lost_error, None
+            raise exc
 
     @property
     def dirty(self) -> bool:
@@ -260,6 +278,8 @@ class WriteCache:
         self.use_direct = align != 0
         self.pool = BufferPool(buffer_size, max_dirty // buffer_size)
         self.files: dict[Key, CachedFile] = {}
+        #: Lowered to the offset of the first EFBIG, so later writes fail at once.
+        self.max_offset = MAX_OFFSET
         #: Every filling buffer of every file, oldest first (for pressure and age).
         self.filling: OrderedDict[Buffer, None] = OrderedDict()
         self._nursery: trio.Nursery | None = None
@@ -346,7 +366,7 @@ class WriteCache:
                 break
             if len(cf.filling) >= self.buffers_per_file:
                 self.seal(next(iter(cf.filling.values())), "moved_on")
-            mem = self.pool.try_take()
+            mem = self.pool.try_take(extra=self._stuck_buffers())
             if mem is not None:
                 buf = Buffer(cf, mem, window, trio.current_time())
                 cf.filling[window] = buf
@@ -361,6 +381,14 @@ class WriteCache:
         if waited_since is not None:
             self.stats.writer_wait_seconds += trio.current_time() - waited_since
         return buf
+
+    def _stuck_buffers(self) -> int:
+        """Buffers held by files whose write-out is failing.
+
+        They may be held for long (a full disk), so the pool may grow by as
+        many: other files keep working while one cannot be written.
+        """
+        return sum(len(cf.queue) for cf in self.files.values() if cf.error is not None)
 
     def seal(self, buf: Buffer, cause: str, kick: bool = True) -> None:
         """Stop filling *buf* and queue it for write-out."""
@@ -398,33 +426,48 @@ class WriteCache:
     # -- write-out -------------------------------------------------------------
 
     async def _flusher(self, cf: CachedFile) -> None:
-        buf: Buffer | None = None
         try:
             while cf.queue:
                 buf = cf.queue[0]
-                async with cf.lock:
-                    if buf.ranges:
-                        await self._write_out(cf, buf)
+                try:
+                    async with cf.lock:
+                        if buf.ranges:
+                            await self._write_out(cf, buf)
+                except OSError as exc:
+                    self.stats.backing_errors += 1
+                    if exc.errno not in PERMANENT_ERRNOS:
+                        self._write_out_failed(cf, buf, exc)
+                        return
+                    self._drop_unwritable(cf, buf, exc)
                 cf.queue.popleft()
                 self._release(buf)
                 if cf.error is not None:
                     log.info("%s: write-back works again after: %s", cf.name, cf.error)
                     cf.error = None
                 cf.progress.unpark_all()
-        except OSError as exc:
-            assert buf is not None
-            self.stats.backing_errors += 1
-            if cf.error is None or cf.error.errno != exc.errno:
-                log.error("%s: backing write at offset %d failed: %s (data kept buffered, "
-                          "will retry)", cf.name, buf.window + (buf.ranges.first()
-                                                                if buf.ranges else 0),
-                          os.strerror(exc.errno or errno.EIO))
-            cf.error = exc
-            cf.error_time = trio.current_time()
         finally:
             cf.flushing = False
             cf.progress.unpark_all()
             self._maybe_drop(cf)
+
+    def _write_out_failed(self, cf: CachedFile, buf: Buffer, exc: OSError) -> None:
+        """Keep *buf* at the head of the queue; the file refuses writes until a retry works."""
+        if cf.error is None or cf.error.errno != exc.errno:
+            log.error("%s: backing write at offset %d failed: %s (data kept buffered, "
+                      "will retry)", cf.name, buf.window + (buf.ranges.first() if buf.ranges
+                                                             else 0), exc.strerror)
+        cf.error = exc
+        cf.error_time = trio.current_time()
+
+    def _drop_unwritable(self, cf: CachedFile, buf: Buffer, exc: OSError) -> None:
+        """*buf* can never be written: drop it and report the error once."""
+        first = buf.window + buf.ranges.first()
+        log.error("%s: %d bytes at offset %d can never be written (%s); dropped, the "
+                  "error goes to the next fsync", cf.name, buf.ranges.total(), first,
+                  exc.strerror)
+        if exc.errno == errno.EFBIG:
+            self.max_offset = min(self.max_offset, buf.window)
+        cf.lost_error = exc
 
     async def _write_out(self, cf: CachedFile, buf: Buffer) -> None:
         """Write *buf* to BACKING (caller holds cf.lock)."""
