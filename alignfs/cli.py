@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="direct-I/O alignment (default: detected from BACKING, >= 4096)")
     m.add_argument("--io-threads", type=int, default=cfgmod.DEFAULT_IO_THREADS, metavar="N",
                    help="backing writes in flight at once")
+    m.add_argument("--readahead", type=_size, default=cfgmod.DEFAULT_READAHEAD,
+                   metavar="SIZE", help="largest read-ahead window for sequential readers "
+                   "(0 = off)")
+    m.add_argument("--readahead-memory", type=_size, default=cfgmod.DEFAULT_READAHEAD_MEMORY,
+                   metavar="SIZE", help="bound on read-ahead memory over all files")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. QEMU as libvirt-qemu) use the mount; "
                    "the kernel enforces file modes")
@@ -145,7 +150,8 @@ def config_from_args(ns: argparse.Namespace) -> MountConfig:
         backing=Path(os.path.abspath(ns.backing)),
         buffer_size=ns.buffer_size, max_dirty=ns.max_dirty,
         buffers_per_file=ns.buffers_per_file, flush_delay=ns.flush_delay, align=ns.align,
-        io_threads=ns.io_threads, allow_other=ns.allow_other, debug=ns.debug,
+        io_threads=ns.io_threads, readahead=ns.readahead,
+        readahead_memory=ns.readahead_memory, allow_other=ns.allow_other, debug=ns.debug,
         log_file=ns.log, fault_file=ns.fault_file, trace_file=ns.trace_writes)
     cfg.validate()
     return cfg
@@ -210,6 +216,7 @@ def _child_args(cfg: MountConfig, ready_fd: int) -> list[str]:
             "--buffer-size", str(cfg.buffer_size), "--max-dirty", str(cfg.max_dirty),
             "--buffers-per-file", str(cfg.buffers_per_file),
             "--flush-delay", str(cfg.flush_delay), "--io-threads", str(cfg.io_threads),
+            "--readahead", str(cfg.readahead), "--readahead-memory", str(cfg.readahead_memory),
             "--nonempty"]
     if cfg.align is not None:
         args += ["--align", str(cfg.align)]
@@ -404,6 +411,9 @@ STATS_ROWS = [
     ("read requests in", "read_requests", int),
     ("reads answered from buffers", "reads_from_buffers", int),
     ("backing reads out", "backing_reads", int),
+    ("read-ahead hits", "readahead_hits", int),
+    ("bytes read ahead", "readahead_bytes", format_size),
+    ("read-ahead wasted", "readahead_wasted_bytes", format_size),
     ("fsync requests", "fsyncs", int),
     ("backing fsyncs", "backing_fsyncs", int),
     ("dirty now", "dirty_bytes", format_size),

@@ -20,6 +20,8 @@ DEFAULT_MAX_DIRTY = 256 * MiB
 DEFAULT_BUFFERS_PER_FILE = 4
 DEFAULT_FLUSH_DELAY = 5.0
 DEFAULT_IO_THREADS = 8
+DEFAULT_READAHEAD = 8 * MiB
+DEFAULT_READAHEAD_MEMORY = 64 * MiB
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,10 @@ class MountConfig:
     align: int | None = None
     #: Threads doing backing writes at once.
     io_threads: int = DEFAULT_IO_THREADS
+    #: Largest read-ahead window of a sequential reader; 0 turns read-ahead off.
+    readahead: int = DEFAULT_READAHEAD
+    #: Bound on read-ahead memory over all files.
+    readahead_memory: int = DEFAULT_READAHEAD_MEMORY
     allow_other: bool = False
     debug: bool = False
     log_file: Path | None = None
@@ -73,5 +79,9 @@ class MountConfig:
                 raise ConfigError("--align must be a power of two of at least 512")
             if self.buffer_size % self.align:
                 raise ConfigError("--buffer-size must be a multiple of --align")
+        if self.readahead and (self.readahead < 256 * 1024 or self.readahead > 256 * MiB):
+            raise ConfigError("--readahead must be 0 (off) or between 256K and 256M")
+        if self.readahead and self.readahead_memory < self.readahead:
+            raise ConfigError("--readahead-memory must hold at least one --readahead window")
         if self.io_threads < 1:
             raise ConfigError("--io-threads must be at least 1")

@@ -167,7 +167,8 @@ class Daemon:
             async with WriteCache.running(
                     io, self.stats, buffer_size=cfg.buffer_size, max_dirty=cfg.max_dirty,
                     buffers_per_file=cfg.buffers_per_file, flush_delay=cfg.flush_delay,
-                    align=self.align, sync_fd=sync_fd) as cache:
+                    align=self.align, sync_fd=sync_fd, readahead_window=cfg.readahead,
+                    readahead_memory=cfg.readahead_memory) as cache:
                 self.cache = cache
                 st = os.stat(cfg.mountpoint)
                 control = ControlFile(st.st_uid if os.geteuid() == 0 else os.geteuid(),

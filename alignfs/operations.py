@@ -20,7 +20,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyfuse3
@@ -30,6 +30,8 @@ from . import syscalls
 from .backing_io import BackingIO
 from .control import ControlFile
 from .inodes import Inode, InodeTable
+from .read_ahead import FileReadAhead, SequentialState
+from .stats import Stats
 from .write_cache import CachedFile, WriteCache
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class Handle:
     flags: int
     #: The CachedFile for writable handles, else None.
     cached: CachedFile | None = None
+    #: Read-ahead state of the file (None if read-ahead is off).
+    ra: FileReadAhead | None = None
+    seq: SequentialState = field(default_factory=SequentialState)
 
     @property
     def append(self) -> bool:
@@ -112,6 +117,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable(root_fd)
         self.io = io
         self.cache = cache
+        self.stats = cache.stats if cache is not None else Stats()
         self.control = control
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -230,6 +236,8 @@ class Operations(pyfuse3.Operations):
                 await self.io.meta(os.ftruncate, self._handles[fh].fd, attr.st_size)
             else:
                 await self.io.meta(os.truncate, node.proc_path, attr.st_size)
+            if cf is None and self.cache is not None:
+                self.cache.backing_changed(node.key)
         if fields.update_mode:
             if is_link:
                 raise FUSEError(errno.EOPNOTSUPP)
@@ -280,9 +288,9 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = await self.io.meta(os.statvfs, self.inodes.root.proc_path)
         out = pyfuse3.StatvfsData()
-        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                       "f_ffree", "f_favail", "f_namemax"):
-            setattr(out, field, getattr(sv, field))
+            setattr(out, name, getattr(sv, name))
         return out
 
     # -- namespace -------------------------------------------------------------
@@ -427,6 +435,11 @@ class Operations(pyfuse3.Operations):
                     await cf.truncate(0)
                 else:
                     await self.io.meta(os.truncate, node.proc_path, 0)
+                    if self.cache is not None:
+                        self.cache.backing_changed(node.key)
+            if self.cache is not None and self.cache.readahead is not None:
+                handle.ra = await self.cache.readahead.attach(node.key, self._reopen(node),
+                                                              node.name)
         except BaseException:
             if handle.cached is not None:
                 self.cache.detach(handle.cached)  # type: ignore[union-attr]
@@ -481,13 +494,30 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
+        stats = self.stats
+        sequential = handle.seq.note(off, size)
+
+        async def plain(o: int, n: int) -> bytes:
+            data = await self.io.data(self.io.pread, handle.fd, n, o, handle.inode.name)
+            stats.backing_reads += 1
+            stats.backing_read_bytes += len(data)
+            return data
+
+        backing_read = plain
+        if handle.ra is not None:
+            readahead = self.cache.readahead  # type: ignore[union-attr]
+            ra = handle.ra
+
+            async def backing_read(o: int, n: int) -> bytes:
+                return await readahead.read(ra, handle.seq, sequential, o, n, plain)
+
         cf = handle.cached or (self.cache.files.get(handle.inode.key) if self.cache else None)
         if cf is not None:
-            return await cf.read(off, size, handle.fd)
-        if self.cache is not None:
-            self.cache.stats.read_requests += 1
-            self.cache.stats.backing_reads += 1
-        return await self.io.data(self.io.pread, handle.fd, size, off, handle.inode.name)
+            return await cf.read(off, size, backing_read)
+        stats.read_requests += 1
+        data = await backing_read(off, size)
+        stats.read_bytes += len(data)
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
@@ -519,8 +549,14 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
-        if handle.cached is not None and self.cache is not None:
-            self.cache.detach(handle.cached)
+        self._drop_handle(handle)
+
+    def _drop_handle(self, handle: Handle) -> None:
+        if self.cache is not None:
+            if handle.cached is not None:
+                self.cache.detach(handle.cached)
+            if handle.ra is not None and self.cache.readahead is not None:
+                self.cache.readahead.detach(handle.ra)
         os.close(handle.fd)
 
     # -- extended attributes ---------------------------------------------------
@@ -566,9 +602,7 @@ class Operations(pyfuse3.Operations):
     def close_all(self) -> None:
         """Close every descriptor (after the main loop ended)."""
         for handle in self._handles.values():
-            if handle.cached is not None and self.cache is not None:
-                self.cache.detach(handle.cached)
-            os.close(handle.fd)
+            self._drop_handle(handle)
         self._handles.clear()
         for d in self._dirs.values():
             os.close(d.fd)

@@ -29,6 +29,10 @@ class Stats:
     backing_reads: int = 0
     backing_read_bytes: int = 0
     rmw_block_reads: int = 0
+    #: reads served from read-ahead segments, bytes read ahead, bytes dropped unread
+    readahead_hits: int = 0
+    readahead_bytes: int = 0
+    readahead_wasted_bytes: int = 0
     fsyncs: int = 0
     backing_fsyncs: int = 0
     backing_errors: int = 0

@@ -32,7 +32,7 @@ import logging
 import mmap
 import os
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from itertools import chain
 
@@ -42,6 +42,7 @@ from . import syscalls
 from .backing_io import BackingIO
 from .buffer_pool import BufferPool
 from .ranges import RangeSet
+from .read_ahead import ReadAhead
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,11 @@ class CachedFile:
         cache.stats.write_requests += 1
         cache.stats.write_bytes += len(data)
 
-    async def read(self, off: int, size: int, fd: int) -> bytes:
+    async def read(self, off: int, size: int,
+                   backing_read: Callable[[int, int], Awaitable[bytes]]) -> bytes:
         """Read with buffered and in-flight data overlaid on the backing file.
 
-        *fd* is a readable (buffered) descriptor of the backing file.
+        *backing_read(off, size)* reads the backing file (plain or read-ahead).
         """
         cache = self.cache
         stats = cache.stats
@@ -165,9 +167,7 @@ class CachedFile:
             pieces = [(b.window + s, bytes(b.view[s:e])) for b in bufs
                       for s, e in b.ranges.intersect(off - b.window, end - b.window)]
             start, stop = gaps[0][0], gaps[-1][1]
-            data = await cache.io.data(cache.io.pread, fd, stop - start, start, self.name)
-            stats.backing_reads += 1
-            stats.backing_read_bytes += len(data)
+            data = await backing_read(start, stop - start)
             out[start - off:start - off + len(data)] = data
             for pos, piece in pieces:
                 out[pos - off:pos - off + len(piece)] = piece
@@ -198,6 +198,7 @@ class CachedFile:
             self.size = new_size
             self.backing_size = new_size
             self.write_gen += 1
+            cache.backing_changed(self.key)
 
     async def fsync(self, datasync: bool) -> None:
         """Return once every byte written before the call is durable on BACKING."""
@@ -265,7 +266,8 @@ class WriteCache:
 
     def __init__(self, io: BackingIO, stats: Stats, *, buffer_size: int, max_dirty: int,
                  buffers_per_file: int, flush_delay: float, align: int,
-                 sync_fd: int | None = None) -> None:
+                 sync_fd: int | None = None, readahead_window: int = 0,
+                 readahead_memory: int = 0) -> None:
         self.io = io
         #: A descriptor on BACKING for syncfs (flush/unmount), or None.
         self.sync_fd = sync_fd
@@ -284,6 +286,9 @@ class WriteCache:
         self.filling: OrderedDict[Buffer, None] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self._warned_no_direct = False
+        self._readahead_args = (readahead_window, readahead_memory)
+        #: Read-ahead for sequential readers; kept coherent by this cache.
+        self.readahead: ReadAhead | None = None
 
     @classmethod
     @asynccontextmanager
@@ -293,6 +298,10 @@ class WriteCache:
         cache = cls(io, stats, **kwargs)  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
             cache._nursery = nursery
+            window, memory = cache._readahead_args
+            if window and memory:
+                cache.readahead = ReadAhead(io, stats, align=cache.align, max_window=window,
+                                            budget=memory, nursery=nursery)
             nursery.start_soon(cache._age_loop)
             try:
                 yield cache
@@ -381,6 +390,11 @@ class WriteCache:
         if waited_since is not None:
             self.stats.writer_wait_seconds += trio.current_time() - waited_since
         return buf
+
+    def backing_changed(self, key: Key) -> None:
+        """BACKING changed under read-ahead (write-out, truncate): drop what it holds."""
+        if self.readahead is not None:
+            self.readahead.invalidate(key)
 
     def _stuck_buffers(self) -> int:
         """Buffers held by files whose write-out is failing.
@@ -494,7 +508,11 @@ class WriteCache:
             self.stats.rmw_block_reads += len(to_read)
             self.stats.backing_reads += len(to_read)
             self.stats.backing_read_bytes += len(to_read) * align
-        await self.io.data(self._pwrite_extents, cf, buf, extents)
+        try:
+            await self.io.data(self._pwrite_extents, cf, buf, extents)
+        finally:
+            # Even a failed pwrite may have changed part of the file.
+            self.backing_changed(cf.key)
         for es, ee in extents:
             self.stats.backing_writes += 1
             self.stats.backing_write_bytes += ee - es

@@ -116,7 +116,15 @@ def _close_all_live() -> None:
 atexit.register(_close_all_live)
 
 
+_interrupted: list[int] = []
+
+
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    if _interrupted:
+        # Already unwinding: a second signal must not break the clean-up.
+        log.warning("signal %d ignored: still cleaning up", signum)
+        return
+    _interrupted.append(signum)
     raise BenchInterrupted(signum)
 
 
@@ -127,6 +135,7 @@ def install_signal_handlers() -> dict[int, object]:
     works in the main thread; elsewhere it does nothing.
     """
     previous: dict[int, object] = {}
+    _interrupted.clear()
     if threading.current_thread() is not threading.main_thread():
         return previous
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):

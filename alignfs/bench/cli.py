@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import platform
@@ -20,11 +21,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cleanup import CleanupStack, install_signal_handlers, restore_signal_handlers
+from .cleanup import (
+    BenchInterrupted,
+    CleanupStack,
+    install_signal_handlers,
+    restore_signal_handlers,
+)
 from .hddmodel import HddModel, Throttle
 from .mount import AlignfsCommand
 from .report import render_json, render_table
-from .results import RowResult
+from .results import RowResult, row_from_json
 from .runner import Progress, Runner
 from .scenarios import SCENARIO_NAMES, BenchContext, ScenarioOptions, build_scenarios
 from .sysutil import GiB, MiB, format_bytes, parse_size, run, which
@@ -163,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="qemu cache modes for savevm: none or none,writeback (default both)",
     )
     s.add_argument(
+        "--verify-loadvm",
+        action="store_true",
+        help="after each savevm, loadvm the snapshot from the backing file and compare "
+        "the restored RAM byte for byte (reads it back through the throttle)",
+    )
+    s.add_argument(
         "--bench-size", type=_size, default=None, help="bytes qemu-img bench writes (default 1G)"
     )
     s.add_argument(
@@ -216,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true", help="print JSON instead of the table")
     o.add_argument("--json-file", type=Path, default=None, help="also write JSON to this file")
     o.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON_FILE",
+        help="only print the table of a result file written by --json-file, then exit",
+    )
+    o.add_argument(
         "--log-dir",
         type=Path,
         default=None,
@@ -223,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     o.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    a.add_argument(
+        "--no-daemon-log",
+        action="store_true",
+        help="do not pass '--log FILE' to 'alignfs mount' (daemon logs go to its default)",
+    )
     return p
 
 
@@ -248,6 +272,7 @@ def scenario_options(args: argparse.Namespace) -> ScenarioOptions:
         ram=args.ram,
         disk_size=args.disk_size,
         savevm_caches=tuple(args.savevm_caches),
+        verify_loadvm=args.verify_loadvm,
         bench_total=args.bench_size,
         bench_depth=args.bench_depth,
         fio_runtime=args.fio_runtime,
@@ -257,7 +282,9 @@ def scenario_options(args: argparse.Namespace) -> ScenarioOptions:
 
 
 def alignfs_command(args: argparse.Namespace) -> AlignfsCommand:
-    cmd = AlignfsCommand(mount_options=shlex.split(args.mount_options))
+    cmd = AlignfsCommand(
+        mount_options=shlex.split(args.mount_options), daemon_log=not args.no_daemon_log
+    )
     if args.alignfs_cmd:
         cmd.prefix = shlex.split(args.alignfs_cmd)
     return cmd
@@ -287,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.render is not None:
+        return render_saved(args.render)
     if os.geteuid() != 0:
         print(
             "alignfs bench: must run as root (zram, cgroups, mounts, drop_caches)", file=sys.stderr
@@ -295,8 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     previous = install_signal_handlers()
     try:
         return _run(args)
+    except BenchInterrupted as exc:
+        msg = f"{exc}; clean-up done (errors, if any, are shown above)"
+        print(f"alignfs bench: {msg}", file=sys.stderr)
+        return 128 + exc.signum
     finally:
         restore_signal_handlers(previous)
+
+
+def render_saved(path: Path) -> int:
+    """Print the header and table of a saved ``--json-file`` result."""
+    try:
+        data = json.loads(path.read_text())
+        rows = [row_from_json(r) for r in data["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"alignfs bench: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    print(_header(data.get("meta", {})))
+    print(render_table(rows))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -357,6 +403,12 @@ def _run(args: argparse.Namespace) -> int:
             for sc in runnable:
                 rows.extend(runner.run_scenario(sc))
             meta = _meta(args, model, cmd, skipped)
+            loads = [
+                run_.extra.get("loadavg_1m", 0.0)
+                for r in rows
+                for run_ in r.direct_runs + r.alignfs_runs
+            ]
+            meta["max_loadavg_1m"] = max(loads, default=None)
         failed_runs = sum(1 for r in rows for run_ in r.direct_runs + r.alignfs_runs if not run_.ok)
         logs_kept["flag"] = failed_runs > 0
 
@@ -402,14 +454,21 @@ def _meta(
 
 
 def _header(meta: dict[str, Any]) -> str:
-    model = meta["model"]
+    model = meta.get("model") or {}
     thr = model.get("throttle")
     if thr:
         limit = f"{thr['write_iops']} IOPS, {thr['write_bps'] / MiB:g} MiB/s each way"
     else:
         limit = "no throttle"
-    size = f" {format_bytes(model['size'])}" if model.get("size") else ""
-    return (
-        f"alignfs bench -- model: {model['kind']}{size} ext4, {limit}; "
-        f"repeat {meta['repeat']}, median shown; kernel {meta['kernel']}"
+    size = f" {format_bytes(model['size'])} ext4" if model.get("size") else ""
+    text = (
+        f"alignfs bench -- model: {model.get('kind', '?')}{size}, {limit}; "
+        f"repeat {meta.get('repeat', '?')}, median shown; kernel {meta.get('kernel', '?')}"
     )
+    load = meta.get("max_loadavg_1m")
+    if load is not None and load > (meta.get("cpus") or 1):
+        text += (
+            f"\nwarning: the machine was busy (1-min load average up to {load:.1f} on "
+            f"{meta.get('cpus')} CPUs); CPU-bound numbers are pessimistic"
+        )
+    return text

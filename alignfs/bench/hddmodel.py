@@ -240,11 +240,17 @@ class HddModel:
 
     def _enter_cgroup(self) -> None:
         assert self.cgroup is not None
+        home = current_blkio_cgroup()
         write_text(self.cgroup / "cgroup.procs", str(os.getpid()))
-        self._stack.push("leave blkio cgroup", self._leave_cgroup)
+        self._stack.push(f"return to blkio cgroup {home}", lambda: self._leave_cgroup(home))
 
-    def _leave_cgroup(self) -> None:
-        write_text(BLKIO_ROOT / "cgroup.procs", str(os.getpid()))
+    @staticmethod
+    def _leave_cgroup(home: Path) -> None:
+        """Back to where this process was before (the root group, normally)."""
+        try:
+            write_text(home / "cgroup.procs", str(os.getpid()))
+        except OSError:
+            write_text(BLKIO_ROOT / "cgroup.procs", str(os.getpid()))
 
     @staticmethod
     def _remove_cgroup(group: Path) -> None:
@@ -303,6 +309,15 @@ class HddModel:
                         t_write = int(fields[2])
         stat = Path(f"/sys/dev/block/{self.device}/stat").read_text().split()
         return IoCounters(t_read, t_write, int(stat[2]) * 512, int(stat[6]) * 512)
+
+
+def current_blkio_cgroup() -> Path:
+    """The blkio cgroup directory this process is in (from /proc/self/cgroup)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "blkio" in controllers.split(","):
+            return BLKIO_ROOT / path.lstrip("/")
+    return BLKIO_ROOT
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -49,6 +49,8 @@ class AlignfsCommand:
 
     prefix: list[str] = field(default_factory=lambda: [sys.executable, "-m", "alignfs"])
     mount_options: list[str] = field(default_factory=list)
+    #: pass ``--log FILE`` (in the run's log directory) to ``alignfs mount``
+    daemon_log: bool = True
     mount_timeout: float = 60.0
     umount_timeout: float = 900.0
 
@@ -131,6 +133,8 @@ class AlignfsMount:
         argv = self.cmd.argv(
             "mount", str(self.mountpoint), str(self.backing), *self.cmd.mount_options
         )
+        if self.cmd.daemon_log:
+            argv += ["--log", str(self.log_path.with_suffix(".daemon.log"))]
         log.debug("mount: %s", " ".join(argv))
         # Registered before the mount exists: a mount that comes up after a
         # timeout must still be removed.

@@ -7,8 +7,9 @@ Table columns:
     (rate scenarios, 1 MB = 10^6 bytes);
 ``speedup``
     how many times better alignfs is (> 1: alignfs wins);
-``% limit``
-    alignfs throughput as a share of the model's write bandwidth limit;
+``alignfs MB/s (% limit)``
+    alignfs payload throughput, and its share of the model's write bandwidth
+    limit (none without a throttle);
 ``writes in -> out``
     alignfs ``write_requests`` -> ``backing_writes`` (medians);
 ``CPU s/GiB``
@@ -28,7 +29,7 @@ HEADERS = (
     "direct",
     "alignfs",
     "speedup",
-    "% limit",
+    "alignfs MB/s (% limit)",
     "writes in -> out",
     "CPU s/GiB",
     "notes",
@@ -58,6 +59,17 @@ def fmt_percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}%"
 
 
+def fmt_alignfs_rate(row: RowResult) -> str:
+    """``140 (89%)``: alignfs MB/s and its share of the model's write bandwidth limit."""
+    rate = row.alignfs_rate
+    if rate is None:
+        return "-"
+    pct = row.alignfs_percent_of_limit
+    mb = rate / 1e6
+    text = f"{mb:.0f}" if mb >= 10 else f"{mb:.1f}"
+    return text if pct is None else f"{text} ({fmt_percent(pct)})"
+
+
 def row_cells(row: RowResult) -> list[str]:
     if row.alignfs_case is None:
         writes = ""
@@ -80,7 +92,7 @@ def row_cells(row: RowResult) -> list[str]:
         side(row.direct_case, "direct", row.direct_median),
         side(row.alignfs_case, "alignfs", row.alignfs_median),
         fmt_speedup(row.speedup) if row.direct_case and row.alignfs_case else "",
-        fmt_percent(row.alignfs_percent_of_limit) if row.alignfs_case else "",
+        fmt_alignfs_rate(row) if row.alignfs_case else "",
         writes,
         "-" if cpu is None or not row.alignfs_case else f"{cpu:.2f}",
         "; ".join(notes),

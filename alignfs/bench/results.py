@@ -13,7 +13,7 @@ better alignfs is", so > 1 means alignfs wins for either metric.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DIRECT = "direct"
@@ -209,9 +209,32 @@ class RowResult:
             "write_requests": self.write_requests,
             "backing_writes": self.backing_writes,
             "daemon_cpu_seconds_per_gib": self.daemon_cpu_per_gib,
+            "notes": self.notes,
             "skipped_sides": self.skipped_sides,
             "flags": self.flags,
             "errors": self.errors,
             "direct_runs": [r.to_json() for r in self.direct_runs],
             "alignfs_runs": [r.to_json() for r in self.alignfs_runs],
         }
+
+
+def run_from_json(data: dict[str, Any]) -> RunResult:
+    """Inverse of :meth:`RunResult.to_json` (derived keys are recomputed, not read)."""
+    names = {f.name for f in fields(RunResult)}
+    return RunResult(**{k: v for k, v in data.items() if k in names})
+
+
+def row_from_json(data: dict[str, Any]) -> RowResult:
+    """Inverse of :meth:`RowResult.to_json`, for re-rendering a saved result file."""
+    return RowResult(
+        scenario=data["scenario"],
+        label=data["label"],
+        metric=data["metric"],
+        direct_case=data.get("direct_case"),
+        alignfs_case=data.get("alignfs_case"),
+        direct_runs=[run_from_json(r) for r in data.get("direct_runs", [])],
+        alignfs_runs=[run_from_json(r) for r in data.get("alignfs_runs", [])],
+        bandwidth_limit=data.get("bandwidth_limit"),
+        notes=list(data.get("notes", [])),
+        skipped_sides=list(data.get("skipped_sides", [])),
+    )

@@ -125,7 +125,7 @@ class Runner:
             rows.append(
                 RowResult(
                     scenario=scenario.name,
-                    label=row.label,
+                    label=row.label if scenario.throttled else f"{row.label} (no throttle)",
                     metric=scenario.metric,
                     direct_case=row.direct,
                     alignfs_case=row.alignfs,
@@ -153,6 +153,8 @@ class Runner:
                 log.debug("run failed", exc_info=True)
                 result.ok = False
                 result.error = f"{type(exc).__name__}: {exc}"
+        # Other work on the machine skews CPU-bound (alignfs) runs the most.
+        result.extra["loadavg_1m"] = os.getloadavg()[0]
         if self.progress:
             self.progress.finish(what, describe_run(result, scenario.metric))
         return result
@@ -196,7 +198,8 @@ class Runner:
     def _run_alignfs(
         self, scenario: Scenario, case: Case, result: RunResult, backing: Path, mountpoint: Path
     ) -> None:
-        with AlignfsMount(self.alignfs, mountpoint, backing, self.ctx.workdir / "logs") as mnt:
+        logs = self.ctx.workdir / "logs"
+        with AlignfsMount(self.alignfs, mountpoint, backing, logs) as mnt:
             cpu0 = process_cpu_seconds(mnt.pid) if mnt.pid else None
             outcome = scenario.run(case, mountpoint, self.ctx)
             self._record_outcome(result, outcome)
@@ -222,12 +225,16 @@ class Runner:
 
 
 def _fsync_files(directory: Path, names: list[str]) -> None:
-    """fsync each file (read-only open is enough on Linux) and the directory."""
+    """fsync each of the client's files after the client has exited.
+
+    Opened write-only: Linux allows fsync on a read-only descriptor, but a
+    FUSE file system may refuse it, and this must measure the flush, not that.
+    """
     for name in names:
         path = directory / name
         if not path.exists():
             continue
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_WRONLY)
         try:
             os.fsync(fd)
         finally:

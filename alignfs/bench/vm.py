@@ -119,9 +119,11 @@ class PausedVm:
         self.qmp.close()
         if self.proc is None or self.proc.poll() is not None:
             return
+        # A qemu busy in savevm only handles SIGTERM once savevm is done; the
+        # VM is disposable, so do not wait long before killing it.
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)
