@@ -45,6 +45,10 @@ class BufferPool:
         """Sleep until some buffer has been returned."""
         await self._lot.park()
 
+    def wake_waiters(self) -> None:
+        """Make every waiting writer look again (the rules changed, not the pool)."""
+        self._lot.unpark_all()
+
     def give_back(self, mem: mmap.mmap) -> None:
         self._free.append(mem)
         self._lot.unpark_all()

@@ -61,6 +61,8 @@ class RangeSet:
 
     def intersect(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """The covered parts of ``[start, end)``, in order."""
+        if start >= end:
+            return
         starts, ends = self._starts, self._ends
         k = bisect_right(ends, start)
         while k < len(starts) and starts[k] < end:

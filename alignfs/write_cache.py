@@ -63,7 +63,7 @@ MAX_OFFSET = (1 << 63) - 1
 class Buffer:
     """One window's worth of buffered data, in page-aligned memory."""
 
-    __slots__ = ("mem", "view", "window", "ranges", "born", "done", "file")
+    __slots__ = ("mem", "view", "window", "ranges", "filled", "born", "done", "file")
 
     def __init__(self, file: CachedFile, mem: mmap.mmap, window: int, born: float) -> None:
         self.file = file
@@ -71,6 +71,8 @@ class Buffer:
         self.view = memoryview(mem)
         self.window = window
         self.ranges = RangeSet()
+        #: Bytes covered (== ranges.total(), kept up to date cheaply).
+        self.filled = 0
         self.born = born
         #: True once written to BACKING (or dropped) and returned to the pool.
         self.done = False
@@ -91,7 +93,7 @@ class CachedFile:
         self.size = size
         #: Size of the backing file as this daemon last left it.
         self.backing_size = size
-        #: Buffers still accepting writes, by window start, oldest first.
+        #: Buffers still accepting writes, by window start, least recently written first.
         self.filling: OrderedDict[int, Buffer] = OrderedDict()
         #: Sealed buffers waiting for (or in) write-out, in write order.
         self.queue: deque[Buffer] = deque()
@@ -104,8 +106,10 @@ class CachedFile:
         #: A failing write-out (data kept, retried); refuses writes until it works.
         self.error: OSError | None = None
         self.error_time = 0.0
-        #: A write-out that failed for good (data dropped); reported once.
+        #: A write-out that failed for good (data dropped): reported to the next
+        #: write or flush once, and to fsync until one fsync has reported it.
         self.lost_error: OSError | None = None
+        self.lost_reported = False
         self.write_gen = 0
         self.synced_data_gen = -1
         self.synced_full_gen = -1
@@ -127,10 +131,15 @@ class CachedFile:
             if buf is None:
                 buf = await cache.new_buffer(self, window)
                 self.raise_error()
+            else:
+                # Least recently written first when the file must give one up.
+                self.filling.move_to_end(window)
             n = min(end, window + bsize) - pos
             rel = pos - window
             buf.view[rel:rel + n] = view[pos - off:pos - off + n]
-            cache.stats.add_dirty(buf.ranges.add(rel, rel + n))
+            added = buf.ranges.add(rel, rel + n)
+            buf.filled += added
+            cache.stats.add_dirty(added)
             pos += n
             if pos > self.size:
                 self.size = pos
@@ -191,6 +200,7 @@ class CachedFile:
                 for buf in list(chain(self.queue, self.filling.values())):
                     if buf.window + bsize > new_size:
                         dropped = buf.ranges.remove(max(0, new_size - buf.window), bsize)
+                        buf.filled -= dropped
                         cache.stats.dirty_bytes -= dropped
                         if not buf.ranges and buf.window in self.filling \
                                 and self.filling[buf.window] is buf:
@@ -199,6 +209,7 @@ class CachedFile:
             self.backing_size = new_size
             self.write_gen += 1
             cache.backing_changed(self.key)
+        cache.maybe_drop(self)
 
     async def fsync(self, datasync: bool) -> None:
         """Return once every byte written before the call is durable on BACKING."""
@@ -210,7 +221,9 @@ class CachedFile:
             return
         await self.write_back("fsync")
         await self.sync_backing(datasync)
-        self.raise_error()
+        if self.lost_error is not None:
+            exc, self.lost_error = self.lost_error, None
+            raise exc
         self.synced_data_gen = max(self.synced_data_gen, gen)
         if not datasync:
             self.synced_full_gen = max(self.synced_full_gen, gen)
@@ -218,7 +231,7 @@ class CachedFile:
     async def sync_backing(self, datasync: bool) -> None:
         """fsync/fdatasync the backing file.
 
-        Under the lock: the descriptor cannot be closed (see WriteCache._maybe_drop)
+        Under the lock: the descriptor cannot be closed (see WriteCache.maybe_drop)
         while the worker thread uses it.
         """
         async with self.lock:
@@ -226,6 +239,7 @@ class CachedFile:
                 raise OSError(errno.EBADF, "file already released")
             await self.cache.io.data(self.cache.io.sync, self.fd, datasync, self.name)
         self.cache.stats.backing_fsyncs += 1
+        self.cache.maybe_drop(self)
 
     async def write_back(self, cause: str) -> None:
         """Write out everything buffered now; raise the backing error if that fails."""
@@ -246,19 +260,19 @@ class CachedFile:
             self.cache.kick(self, force=force)
 
     def raise_error(self) -> None:
-        """Raise a failing write-out's error, or (once) a permanent one."""
+        """For write and flush: a failing write-out's error, or once a permanent one."""
         if self.error is not None:
             raise self.error
-        if self.lost_error is not None:
-            exc, self.lost_error = self.lost_error, None
-            raise exc
+        if self.lost_error is not None and not self.lost_reported:
+            self.lost_reported = True
+            raise self.lost_error
 
     @property
     def dirty(self) -> bool:
         return bool(self.filling or self.queue)
 
     def buffered_bytes(self) -> int:
-        return sum(b.ranges.total() for b in chain(self.queue, self.filling.values()))
+        return sum(b.filled for b in chain(self.queue, self.filling.values()))
 
 
 class WriteCache:
@@ -353,9 +367,9 @@ class WriteCache:
         cf.handles -= 1
         if cf.handles == 0:
             cf.start_write_back("close")
-            self._maybe_drop(cf)
+            self.maybe_drop(cf)
 
-    def _maybe_drop(self, cf: CachedFile) -> None:
+    def maybe_drop(self, cf: CachedFile) -> None:
         if cf.handles or cf.dirty or cf.flushing or cf.lock.locked():
             return
         if self.files.get(cf.key) is cf:
@@ -373,8 +387,12 @@ class WriteCache:
             buf = cf.filling.get(window)
             if buf is not None:
                 break
+            if cf.error is not None:
+                raise cf.error
             if len(cf.filling) >= self.buffers_per_file:
-                self.seal(next(iter(cf.filling.values())), "moved_on")
+                # Give up the emptiest buffer (least coalescing lost; a straggler
+                # patching an old window, not the stream's frontier), LRU on ties.
+                self.seal(min(cf.filling.values(), key=lambda b: b.filled), "moved_on")
             mem = self.pool.try_take(extra=self._stuck_buffers())
             if mem is not None:
                 buf = Buffer(cf, mem, window, trio.current_time())
@@ -421,7 +439,7 @@ class WriteCache:
         self._release(buf)
 
     def _release(self, buf: Buffer) -> None:
-        self.stats.dirty_bytes -= buf.ranges.total()
+        self.stats.dirty_bytes -= buf.filled
         buf.done = True
         self.pool.give_back(buf.mem)
         self.stats.buffers_in_use = self.pool.in_use
@@ -462,7 +480,7 @@ class WriteCache:
         finally:
             cf.flushing = False
             cf.progress.unpark_all()
-            self._maybe_drop(cf)
+            self.maybe_drop(cf)
 
     def _write_out_failed(self, cf: CachedFile, buf: Buffer, exc: OSError) -> None:
         """Keep *buf* at the head of the queue; the file refuses writes until a retry works."""
@@ -472,6 +490,9 @@ class WriteCache:
                                                              else 0), exc.strerror)
         cf.error = exc
         cf.error_time = trio.current_time()
+        # Writers waiting for memory re-check: this file's ones must fail now, and
+        # the others may use the pool's allowance for buffers stuck here.
+        self.pool.wake_waiters()
 
     def _drop_unwritable(self, cf: CachedFile, buf: Buffer, exc: OSError) -> None:
         """*buf* can never be written: drop it and report the error once."""
@@ -482,6 +503,7 @@ class WriteCache:
         if exc.errno == errno.EFBIG:
             self.max_offset = min(self.max_offset, buf.window)
         cf.lost_error = exc
+        cf.lost_reported = False
 
     async def _write_out(self, cf: CachedFile, buf: Buffer) -> None:
         """Write *buf* to BACKING (caller holds cf.lock)."""

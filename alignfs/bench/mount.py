@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from .cleanup import CleanupStack
-from .sysutil import find_pids_with_arg, is_mountpoint, run
+from .sysutil import find_pids_with_arg, is_mountpoint, process_cpu_seconds, run
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class AlignfsMount:
         self.pid: int | None = None
         self.umount_seconds: float | None = None
         self.umount_error: str | None = None
+        self.last_daemon_cpu: float | None = None
         self._stack = CleanupStack("alignfs-mount")
 
     def __enter__(self) -> AlignfsMount:
@@ -160,6 +161,17 @@ class AlignfsMount:
             raise MountError(f"alignfs mount returned 0 but {self.mountpoint} is not mounted")
         self.pid = self._find_daemon_pid()
 
+    def _sample_cpu(self) -> None:
+        if self.pid is not None:
+            cpu = process_cpu_seconds(self.pid)
+            if cpu is not None:
+                self.last_daemon_cpu = cpu
+
+    def daemon_cpu(self) -> float | None:
+        """The daemon's CPU seconds so far (or at its last sighting)."""
+        self._sample_cpu()
+        return self.last_daemon_cpu
+
     def log_tail(self, n: int = 1500) -> str:
         try:
             return self.log_path.read_text(errors="replace").strip()[-n:]
@@ -201,25 +213,32 @@ class AlignfsMount:
             return None
 
     def umount(self) -> bool:
-        """``alignfs umount``; records its duration; returns False on failure."""
+        """``alignfs umount``; records its duration; returns False on failure.
+
+        While it runs, the daemon's CPU time is sampled every 20 ms, so that
+        :attr:`last_daemon_cpu` includes the final write-out.
+        """
         argv = self.cmd.argv("umount", str(self.mountpoint))
         t0 = time.monotonic()
+        with open(self.log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=self.cmd.env()
+            )
         try:
-            with open(self.log_path, "ab") as logf:
-                proc = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=logf,
-                    env=self.cmd.env(),
-                    timeout=self.cmd.umount_timeout,
-                    check=False,
-                )
-        except subprocess.TimeoutExpired:
-            self.umount_error = f"alignfs umount timed out after {self.cmd.umount_timeout:.0f} s"
-            return False
+            deadline = t0 + self.cmd.umount_timeout
+            while proc.poll() is None:
+                self._sample_cpu()
+                if time.monotonic() > deadline:
+                    self.umount_error = (
+                        f"alignfs umount timed out after {self.cmd.umount_timeout:.0f} s"
+                    )
+                    return False
+                time.sleep(0.02)
         finally:
             self.umount_seconds = time.monotonic() - t0
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if proc.returncode != 0:
             self.umount_error = f"alignfs umount exited with {proc.returncode}: {self.log_tail()}"
             return False

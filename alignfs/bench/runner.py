@@ -29,7 +29,7 @@ from .hddmodel import HddModel
 from .mount import AlignfsCommand, AlignfsMount
 from .results import ALIGNFS, DIRECT, RowResult, RunResult
 from .scenarios import BenchContext, Case, ClientOutcome, Scenario
-from .sysutil import drop_caches, process_cpu_seconds
+from .sysutil import drop_caches
 
 log = logging.getLogger(__name__)
 
@@ -200,17 +200,17 @@ class Runner:
     ) -> None:
         logs = self.ctx.workdir / "logs"
         with AlignfsMount(self.alignfs, mountpoint, backing, logs) as mnt:
-            cpu0 = process_cpu_seconds(mnt.pid) if mnt.pid else None
+            cpu0 = mnt.daemon_cpu()
             outcome = scenario.run(case, mountpoint, self.ctx)
             self._record_outcome(result, outcome)
             t0 = time.monotonic()
             _fsync_files(mountpoint, outcome.files)
             fsync_seconds = time.monotonic() - t0
             result.stats = mnt.stats()
-            cpu1 = process_cpu_seconds(mnt.pid) if mnt.pid else None
+            ok = mnt.umount()
+            cpu1 = mnt.last_daemon_cpu  # last sample before the daemon exited
             if cpu0 is not None and cpu1 is not None:
                 result.daemon_cpu_seconds = cpu1 - cpu0
-            ok = mnt.umount()
             result.drain_seconds = fsync_seconds + (mnt.umount_seconds or 0.0)
             result.extra["umount_seconds"] = mnt.umount_seconds
             if not ok:
