@@ -34,8 +34,11 @@ class Inode:
     key: tuple[int, int]
     mode: int
     lookups: int = 0
-    #: Last name seen for this inode, for log messages only.
+    #: Last name seen for this inode (for log messages) and the directory it was
+    #: seen in: the only way to reach a symlink's own extended attributes.
     name: str = ""
+    parent: int = 0
+    raw_name: bytes = b""
 
     @property
     def proc_path(self) -> str:
@@ -70,7 +73,13 @@ class InodeTable:
         self._next_synthetic += 1
         return self._next_synthetic
 
-    def remember(self, fd: int, st: os.stat_result, name: str) -> tuple[Inode, bool]:
+    def number_of(self, st: os.stat_result) -> int:
+        """The FUSE inode number of a known file, else its backing number (for "..")."""
+        inode = self._by_key.get((st.st_dev, st.st_ino))
+        return inode.ino if inode is not None else st.st_ino
+
+    def remember(self, fd: int, st: os.stat_result, name: bytes,
+                 parent: int = 0) -> tuple[Inode, bool]:
         """Count one more kernel reference to the file behind *fd*.
 
         Returns the inode and whether *fd* was adopted; if the inode was already
@@ -84,8 +93,10 @@ class InodeTable:
             self._by_key[key] = inode
             self._by_ino[inode.ino] = inode
         inode.lookups += 1
-        if name:
-            inode.name = name
+        if name and name not in (b".", b".."):
+            inode.name = os.fsdecode(name)
+            inode.raw_name = name
+            inode.parent = parent
         return inode, adopted
 
     def forget(self, ino: int, n: int) -> int | None:

@@ -110,6 +110,8 @@ def _name(raw: bytes) -> str:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    #: The kernel enforces POSIX ACLs (read through getxattr) like mode bits.
+    enable_acl = True
 
     def __init__(self, root_fd: int, io: BackingIO, cache: WriteCache | None,
                  control: ControlFile | None = None) -> None:
@@ -158,6 +160,9 @@ class Operations(pyfuse3.Operations):
             cf = self.cache.files.get(inode.key)
             if cf is not None:
                 entry.st_size = cf.size
+                if cf.mtime_ns is not None:
+                    entry.st_mtime_ns = cf.mtime_ns
+                    entry.st_ctime_ns = max(st.st_ctime_ns, cf.mtime_ns)
         return entry
 
     @staticmethod
@@ -170,27 +175,50 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             raise
 
-    async def _register(self, fd: int, st: os.stat_result, name: bytes) \
-            -> pyfuse3.EntryAttributes:
-        inode, adopted = self.inodes.remember(fd, st, _name(name))
+    async def _register(self, fd: int, st: os.stat_result, name: bytes,
+                        parent: Inode | None = None) -> pyfuse3.EntryAttributes:
+        inode, adopted = self.inodes.remember(fd, st, name, parent.ino if parent else 0)
         if not adopted:
             os.close(fd)  # closing an O_PATH descriptor does no I/O
         return self._attrs(inode, st)
 
+    def _new_entry(self, parent_fd: int, name: bytes, mode: int,
+                   ctx: pyfuse3.RequestContext) -> tuple[int, os.stat_result]:
+        """Worker thread: O_PATH descriptor of a just created *name*, given to the caller."""
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            self._give_to_caller(pfd, parent_fd, mode, ctx)
+            return pfd, os.fstat(pfd)
+        except BaseException:
+            os.close(pfd)
+            raise
+
     async def _lookup_new(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
         fd, st = await self.io.meta(self._open_path, parent.fd, name)
-        return await self._register(fd, st, name)
+        return await self._register(fd, st, name, parent)
 
-    def _owner_for(self, parent: Inode, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
-        """Owner of a new file created for *ctx* (setgid directories keep their group)."""
-        gid = ctx.gid
-        if parent.mode & stat.S_ISGID:
-            gid = -1
-        return ctx.uid, gid
+    def _give_to_caller(self, pfd: int, parent_fd: int, mode: int,
+                        ctx: pyfuse3.RequestContext) -> None:
+        """Worker thread: hand a file the daemon (root) just created to the caller.
 
-    def _chown_new(self, dir_fd: int, name: bytes, owner: tuple[int, int]) -> None:
-        if self._as_root and (owner[0] != 0 or owner[1] not in (0, -1)):
-            os.chown(name, owner[0], owner[1], dir_fd=dir_fd, follow_symlinks=False)
+        As the kernel would for the caller itself: owner ctx.uid, group ctx.gid
+        unless the directory is setgid (then the directory's group, which the
+        backing filesystem already gave it), and setuid/setgid bits kept (chown
+        clears them), S_ISGID only if the caller is in the file's group.
+        """
+        if not self._as_root or (ctx.uid == 0 and ctx.gid == 0):
+            return
+        parent_setgid = os.fstat(parent_fd).st_mode & stat.S_ISGID
+        syscalls.fchown_path_fd(pfd, ctx.uid, -1 if parent_setgid else ctx.gid)
+        special = mode & (stat.S_ISUID | stat.S_ISGID)
+        st = os.fstat(pfd)
+        if not special or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            return
+        if special & stat.S_ISGID and st.st_gid != ctx.gid \
+                and st.st_gid not in pyfuse3.get_sup_groups(ctx.pid):
+            special &= ~stat.S_ISGID
+        if special:
+            os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(st.st_mode) | special)
 
     # -- lookup and attributes -------------------------------------------------
 
@@ -226,6 +254,8 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.control and inode == self.control.ino:
+            raise FUSEError(errno.EPERM)
         node = self._inode(inode)
         is_link = stat.S_ISLNK(node.mode)
         if fields.update_size:
@@ -250,6 +280,9 @@ class Operations(pyfuse3.Operations):
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
             await self.io.meta(self._set_times, node, atime, mtime)
+            cf = self.cache.files.get(node.key) if self.cache else None
+            if cf is not None and mtime is not None:
+                cf.mtime_ns = mtime  # kept through later write-outs
         st = await self.io.meta(os.fstat, node.fd)
         return self._attrs(node, st)
 
@@ -298,35 +331,29 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
-        owner = self._owner_for(parent, ctx)
 
         def do() -> tuple[int, os.stat_result]:
             os.mknod(name, mode, rdev, dir_fd=parent.fd)
-            self._chown_new(parent.fd, name, owner)
-            return self._open_path(parent.fd, name)
-        return await self._register(*await self.io.meta(do), name)
+            return self._new_entry(parent.fd, name, mode, ctx)
+        return await self._register(*await self.io.meta(do), name, parent)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
-        owner = self._owner_for(parent, ctx)
 
         def do() -> tuple[int, os.stat_result]:
             os.mkdir(name, mode, dir_fd=parent.fd)
-            self._chown_new(parent.fd, name, owner)
-            return self._open_path(parent.fd, name)
-        return await self._register(*await self.io.meta(do), name)
+            return self._new_entry(parent.fd, name, mode, ctx)
+        return await self._register(*await self.io.meta(do), name, parent)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
-        owner = self._owner_for(parent, ctx)
 
         def do() -> tuple[int, os.stat_result]:
             os.symlink(target, name, dir_fd=parent.fd)
-            self._chown_new(parent.fd, name, owner)
-            return self._open_path(parent.fd, name)
-        return await self._register(*await self.io.meta(do), name)
+            return self._new_entry(parent.fd, name, 0, ctx)
+        return await self._register(*await self.io.meta(do), name, parent)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -336,7 +363,7 @@ class Operations(pyfuse3.Operations):
         def do() -> tuple[int, os.stat_result]:
             os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
             return self._open_path(parent.fd, new_name)
-        return await self._register(*await self.io.meta(do), new_name)
+        return await self._register(*await self.io.meta(do), new_name, parent)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
@@ -379,12 +406,40 @@ class Operations(pyfuse3.Operations):
             out.append((i, names[i], pfd, st))
         return out
 
+    def _dot_entries(self, d: DirHandle) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """Worker thread: "." and ".." with attributes (no lookup count: see readdir)."""
+        out = []
+        for name in (b".", b".."):
+            if name == b".." and d.inode is not self.inodes.root:
+                fd = os.open(b"..", os.O_PATH | os.O_CLOEXEC, dir_fd=d.fd)
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+            else:
+                st = os.fstat(d.fd)
+            entry = self._attrs(d.inode, st)
+            entry.st_ino = self.inodes.number_of(st)
+            out.append((name, entry))
+        return out
+
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Entry ids: 0 is ".", 1 is "..", 2 + i is names[i].
         d = self._dirs[fh]
         if d.names is None or start_id == 0:
             listing = await self.io.meta(os.listdir, d.fd)
             d.names = [os.fsencode(n) for n in listing]
-        pos = start_id
+            if self.control and d.inode is self.inodes.root:
+                # The control file's name is taken; a backing file of that name is hidden.
+                d.names = [n for n in d.names if n != self.control.name]
+        if start_id < 2:
+            dots = await self.io.meta(self._dot_entries, d)
+            for i in range(start_id, 2):
+                # Replies for "." and ".." never count as lookups (pyfuse3's rule).
+                if not pyfuse3.readdir_reply(token, dots[i][0], dots[i][1], i + 1):
+                    return
+            start_id = 2
+        pos = start_id - 2
         while pos < len(d.names):
             batch = await self.io.meta(self._scan, d.fd, d.names, pos, 128)
             pos += 128
@@ -392,8 +447,8 @@ class Operations(pyfuse3.Operations):
                 if item is None:
                     continue
                 i, name, pfd, st = item
-                inode, adopted = self.inodes.remember(pfd, st, _name(name))
-                if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), i + 1):
+                inode, adopted = self.inodes.remember(pfd, st, name, d.inode.ino)
+                if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), i + 3):
                     # Not sent: undo this reference and drop the unsent batch.
                     fd = self.inodes.forget(inode.ino, 1)
                     if fd is not None:
@@ -462,10 +517,9 @@ class Operations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         if parent is self.inodes.root and self.control and name == self.control.name:
             raise FUSEError(errno.EEXIST)
-        owner = self._owner_for(parent, ctx)
-
         def do() -> tuple[int, os.stat_result]:
-            base = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            # O_NONBLOCK: an existing FIFO of that name must not block the thread.
+            base = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             try:
                 fd = os.open(name, base | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode),
                              dir_fd=parent.fd)
@@ -476,14 +530,18 @@ class Operations(pyfuse3.Operations):
                 fd = os.open(name, base, dir_fd=parent.fd)
                 created = False
             try:
-                if created:
-                    self._chown_new(parent.fd, name, owner)
                 pfd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
             finally:
                 os.close(fd)
-            return pfd, os.fstat(pfd)
+            try:
+                if created:
+                    self._give_to_caller(pfd, parent.fd, mode, ctx)
+                return pfd, os.fstat(pfd)
+            except BaseException:
+                os.close(pfd)
+                raise
         pfd, st = await self.io.meta(do)
-        entry = await self._register(pfd, st, name)
+        entry = await self._register(pfd, st, name, parent)
         node = self.inodes[entry.st_ino]
         try:
             info = await self._open_handle(node, flags & ~(os.O_CREAT | os.O_EXCL))
@@ -561,41 +619,73 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes ---------------------------------------------------
 
-    def _xattr_path(self, node: Inode) -> str:
-        if stat.S_ISLNK(node.mode):
-            # Reaching a symlink's own xattrs needs a path; refuse rather than
-            # risk following it.
+    def _xattr_path(self, node: Inode) -> tuple[str, bool]:
+        """A path reaching *node* for the xattr calls, and whether to follow it.
+
+        Regular files and directories: their /proc/self/fd link. A symlink has no
+        descriptor that xattr calls accept, so it is reached by name in the
+        directory it was last seen in, without following it, and checked to be
+        the same inode first.
+        """
+        if not stat.S_ISLNK(node.mode):
+            return node.proc_path, True
+        parent = self.inodes.get(node.parent)
+        if parent is None or not node.raw_name:
             raise FUSEError(errno.EOPNOTSUPP)
-        return node.proc_path
+        return f"/proc/self/fd/{parent.fd}/{os.fsdecode(node.raw_name)}", False
+
+    @staticmethod
+    def _same_inode(node: Inode, path: str, follow: bool) -> None:
+        if not follow:
+            st = os.stat(path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != node.key:
+                raise OSError(errno.ESTALE, "symlink moved in BACKING")
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         if self.control and inode == self.control.ino:
             await self.control.setxattr(name, value, ctx)
             return
-        path = self._xattr_path(self._inode(inode))
-        await self.io.meta(os.setxattr, path, name, value)
+        node = self._inode(inode)
+        path, follow = self._xattr_path(node)
+
+        def do() -> None:
+            self._same_inode(node, path, follow)
+            os.setxattr(path, name, value, follow_symlinks=follow)
+        await self.io.meta(do)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if self.control and inode == self.control.ino:
             return await self.control.getxattr(name, ctx)
         node = self._inode(inode)
-        if stat.S_ISLNK(node.mode):
-            raise FUSEError(errno.ENODATA)
-        return await self.io.meta(os.getxattr, node.proc_path, name)
+        path, follow = self._xattr_path(node)
+
+        def do() -> bytes:
+            self._same_inode(node, path, follow)
+            return os.getxattr(path, name, follow_symlinks=follow)
+        return await self.io.meta(do)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if self.control and inode == self.control.ino:
             return self.control.listxattr()
         node = self._inode(inode)
-        if stat.S_ISLNK(node.mode):
-            return []
-        names = await self.io.meta(os.listxattr, node.proc_path)
-        return [os.fsencode(n) for n in names]
+        path, follow = self._xattr_path(node)
+
+        def do() -> list[str]:
+            self._same_inode(node, path, follow)
+            return os.listxattr(path, follow_symlinks=follow)
+        return [os.fsencode(n) for n in await self.io.meta(do)]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        path = self._xattr_path(self._inode(inode))
-        await self.io.meta(os.removexattr, path, name)
+        if self.control and inode == self.control.ino:
+            raise FUSEError(errno.EPERM)
+        node = self._inode(inode)
+        path, follow = self._xattr_path(node)
+
+        def do() -> None:
+            self._same_inode(node, path, follow)
+            os.removexattr(path, name, follow_symlinks=follow)
+        await self.io.meta(do)
 
     # -- shutdown --------------------------------------------------------------
 

@@ -96,3 +96,14 @@ _libc.syncfs.argtypes = [ctypes.c_int]
 def syncfs(fd: int) -> None:
     """Flush everything of the filesystem holding *fd* (data and metadata) to disk."""
     _check(_libc.syncfs(fd), "syncfs")
+
+
+_libc.futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
+
+
+def set_mtime(fd: int, mtime_ns: int) -> None:
+    """Set the mtime of the file open as *fd*, leaving atime alone."""
+    times = (_Timespec * 2)()
+    times[0].tv_sec, times[0].tv_nsec = 0, UTIME_OMIT
+    times[1].tv_sec, times[1].tv_nsec = divmod(mtime_ns, 1_000_000_000)
+    _check(_libc.futimens(fd, times), "futimens")

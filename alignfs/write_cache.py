@@ -31,6 +31,7 @@ import errno
 import logging
 import mmap
 import os
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -110,6 +111,10 @@ class CachedFile:
         #: write or flush once, and to fsync until one fsync has reported it.
         self.lost_error: OSError | None = None
         self.lost_reported = False
+        #: The file's mtime as clients see it: the time of the last write or
+        #: truncate, or what a client set. Re-applied to BACKING after every
+        #: write-out, which would otherwise leave the write-out's time there.
+        self.mtime_ns: int | None = None
         self.write_gen = 0
         self.synced_data_gen = -1
         self.synced_full_gen = -1
@@ -148,6 +153,7 @@ class CachedFile:
                 cache.seal(buf, "full")
         cache.stats.write_requests += 1
         cache.stats.write_bytes += len(data)
+        self.mtime_ns = time.time_ns()
 
     async def read(self, off: int, size: int,
                    backing_read: Callable[[int, int], Awaitable[bytes]]) -> bytes:
@@ -208,6 +214,7 @@ class CachedFile:
             self.size = new_size
             self.backing_size = new_size
             self.write_gen += 1
+            self.mtime_ns = None  # ftruncate set the backing mtime itself
             cache.backing_changed(self.key)
         cache.maybe_drop(self)
 
@@ -531,7 +538,7 @@ class WriteCache:
             self.stats.backing_reads += len(to_read)
             self.stats.backing_read_bytes += len(to_read) * align
         try:
-            await self.io.data(self._pwrite_extents, cf, buf, extents)
+            cut_to = await self.io.data(self._pwrite_extents, cf, buf, extents)
         finally:
             # Even a failed pwrite may have changed part of the file.
             self.backing_changed(cf.key)
@@ -540,13 +547,10 @@ class WriteCache:
             self.stats.backing_write_bytes += ee - es
             if (window + es) % align or (ee - es) % align:
                 self.stats.unaligned_backing_writes += 1
-        end = window + extents[-1][1]
-        if end > cf.size:
-            # The last block was padded past EOF: cut the file back to its size.
-            await self.io.meta(os.ftruncate, cf.fd, cf.size)
-            cf.backing_size = cf.size
-        elif end > cf.backing_size:
-            cf.backing_size = end
+        if cut_to is not None:
+            cf.backing_size = cut_to
+        else:
+            cf.backing_size = max(cf.backing_size, window + extents[-1][1])
 
     def _fill_partial_blocks(self, cf: CachedFile, buf: Buffer, blocks: list[int]) -> None:
         """Worker thread: read partly covered blocks and fill their uncovered bytes."""
@@ -564,10 +568,25 @@ class WriteCache:
         finally:
             scratch.close()
 
-    def _pwrite_extents(self, cf: CachedFile, buf: Buffer, extents: list[list[int]]) -> None:
-        """Worker thread: one pwrite per aligned extent."""
+    def _pwrite_extents(self, cf: CachedFile, buf: Buffer,
+                        extents: list[list[int]]) -> int | None:
+        """Worker thread: one pwrite per aligned extent.
+
+        If the last block was padded past EOF, cut the file back to its size
+        (returned; cf.size only grows meanwhile, so an older value is safe).
+        Finally put the client's mtime back: both steps set it to now.
+        """
         for es, ee in extents:
             self.io.pwrite_all(cf.fd, buf.view[es:ee], buf.window + es, cf.name)
+        cut_to = None
+        size = cf.size
+        if buf.window + extents[-1][1] > size:
+            os.ftruncate(cf.fd, size)
+            cut_to = size
+        mtime = cf.mtime_ns
+        if mtime is not None:
+            syscalls.set_mtime(cf.fd, mtime)
+        return cut_to
 
     # -- timers and shutdown ---------------------------------------------------
 
