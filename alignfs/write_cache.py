@@ -4,8 +4,9 @@ Every file being written gets a :class:`CachedFile`. Its bytes are collected in
 fixed windows of ``buffer_size`` (window ``k`` covers file offsets
 ``[k*B, (k+1)*B)``), each held by a page-aligned :class:`Buffer` from the
 shared :class:`~alignfs.buffer_pool.BufferPool`. Writes fill buffers in any
-order; a buffer is *sealed* (no more writes) when it is full, when the file
-needs a new window and already fills ``buffers_per_file``, when it is older
+order; a buffer is *sealed* (no more writes) when the file needs a new
+window and already fills ``buffers_per_file`` (full buffers first: they are
+kept until then, see ``_seal_one_of``), when it is older
 than ``flush_delay``, under memory pressure, on fsync/close and at unmount.
 Sealed buffers are written by one flusher task per file, strictly in order
 (FIFO), so a newer buffer for a window always lands after an older one. A
@@ -149,8 +150,6 @@ class CachedFile:
             if pos > self.size:
                 self.size = pos
             self.write_gen += 1
-            if len(buf.ranges) == 1 and buf.ranges.first() == 0 and buf.ranges.last() == bsize:
-                cache.seal(buf, "full")
         cache.stats.write_requests += 1
         cache.stats.write_bytes += len(data)
         self.mtime_ns = time.time_ns()
@@ -397,9 +396,7 @@ class WriteCache:
             if cf.error is not None:
                 raise cf.error
             if len(cf.filling) >= self.buffers_per_file:
-                # Give up the emptiest buffer (least coalescing lost; a straggler
-                # patching an old window, not the stream's frontier), LRU on ties.
-                self.seal(min(cf.filling.values(), key=lambda b: b.filled), "moved_on")
+                self._seal_one_of(cf)
             mem = self.pool.try_take(extra=self._stuck_buffers())
             if mem is not None:
                 buf = Buffer(cf, mem, window, trio.current_time())
@@ -408,13 +405,38 @@ class WriteCache:
                 self.stats.buffers_in_use = self.pool.in_use
                 break
             if self.filling:
-                self.seal(next(iter(self.filling)), "pressure")
+                done = next((b for b in self.filling if self._passed(b)), None)
+                self.seal(done or next(iter(self.filling)), "pressure")
             if waited_since is None:
                 waited_since = trio.current_time()
             await self.pool.wait_for_free()
         if waited_since is not None:
             self.stats.writer_wait_seconds += trio.current_time() - waited_since
         return buf
+
+    def _seal_one_of(self, cf: CachedFile) -> None:
+        """The file needs a new window but fills buffers_per_file: write one out.
+
+        A full buffer is kept filling until then, not written at once: writers
+        often come back to a window just after it became full (qcow2 on FUSE
+        merges COW with data and rewrites clusters it just allocated; with the
+        buffer written at once, every such rewrite became another small backing
+        write). So the least recently written buffer that the writers have
+        passed (full, or covering up to its window's end: the rest of a window
+        split by an fsync or pressure) goes first; else the emptiest (a
+        straggler patching an old window, not the stream's frontier), least
+        recently written on ties. Judging by "passed" rather than "full" keeps
+        one split window from splitting every later one.
+        """
+        done = next((b for b in cf.filling.values() if self._passed(b)), None)
+        if done is not None:
+            self.seal(done, "full" if done.filled == self.buffer_size else "moved_on")
+        else:
+            self.seal(min(cf.filling.values(), key=lambda b: b.filled), "moved_on")
+
+    def _passed(self, buf: Buffer) -> bool:
+        """The writers have reached the end of this buffer's window (it may be full)."""
+        return bool(buf.ranges) and buf.ranges.last() == self.buffer_size
 
     def backing_changed(self, key: Key) -> None:
         """BACKING changed under read-ahead (write-out, truncate): drop what it holds."""
