@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -272,10 +271,3 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state[state.rindex(")") + 2] != "Z"
-
-
-def argv_split(text: str) -> Sequence[str]:
-    """Split a ``--alignfs-cmd`` string like a shell would."""
-    import shlex
-
-    return shlex.split(text)

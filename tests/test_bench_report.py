@@ -1,0 +1,156 @@
+"""Median / speedup arithmetic and table + JSON rendering from fabricated results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignfs.bench import report, results
+from alignfs.bench.results import RowResult, RunResult
+from alignfs.bench.sysutil import GiB, MiB
+
+
+def make_run(side: str, rep: int, seconds: float, **kw: object) -> RunResult:
+    run = RunResult(scenario="savevm", case=f"{side}-none", side=side, rep=rep)
+    run.client_seconds = seconds
+    run.drain_seconds = kw.pop("drain", 0.0)  # type: ignore[assignment]
+    run.payload_bytes = kw.pop("payload", GiB)  # type: ignore[assignment]
+    run.throttled = True
+    for key, value in kw.items():
+        setattr(run, key, value)
+    return run
+
+
+def savevm_row() -> RowResult:
+    stats = {"write_requests": 40000, "backing_writes": 260}
+    return RowResult(
+        scenario="savevm",
+        label="savevm 1G cache=none",
+        metric="time",
+        direct_case="direct-none",
+        alignfs_case="alignfs-none",
+        direct_runs=[make_run("direct", i, s) for i, s in enumerate([210.0, 200.0, 230.0], 1)],
+        alignfs_runs=[
+            make_run("alignfs", i, s, drain=1.0, stats=dict(stats, backing_writes=b),
+                     daemon_cpu_seconds=2.0)
+            for i, (s, b) in enumerate([(9.0, 250), (7.0, 260), (11.0, 270)], 1)
+        ],
+        bandwidth_limit=150 * MiB,
+    )  # fmt: skip
+
+
+def test_median_and_speedup_math() -> None:
+    assert results.median([3.0, 1.0, 2.0]) == 2.0
+    assert results.median([1.0, 2.0]) == 1.5
+    assert results.median([]) is None
+    assert results.speedup("time", 200.0, 8.0) == pytest.approx(25.0)
+    assert results.speedup("rate", 0.8e6, 80e6) == pytest.approx(100.0)
+    assert results.speedup("time", None, 8.0) is None
+    assert results.speedup("rate", 0.0, 8.0) is None
+    assert results.percent_of(75 * MiB, 150 * MiB) == pytest.approx(50.0)
+    assert results.percent_of(75 * MiB, None) is None
+
+
+def test_row_medians_use_total_time_including_drain() -> None:
+    row = savevm_row()
+    assert row.direct_median == 210.0
+    assert row.alignfs_median == 10.0  # median client 9 s + 1 s drain
+    assert row.speedup == pytest.approx(21.0)
+    assert row.alignfs_rate == pytest.approx(GiB / 10.0)
+    assert row.alignfs_percent_of_limit == pytest.approx(100 * (GiB / 10.0) / (150 * MiB))
+    assert row.write_requests == 40000 and row.backing_writes == 260
+    assert row.daemon_cpu_per_gib == pytest.approx(2.0)
+
+
+def test_failed_runs_are_excluded_and_reported() -> None:
+    row = savevm_row()
+    bad = RunResult(scenario="savevm", case="alignfs-none", side="alignfs", rep=4, ok=False,
+                    error="MountError: boom")  # fmt: skip
+    row.alignfs_runs.append(bad)
+    assert row.alignfs_median == 10.0
+    assert "alignfs: 1/4 runs failed" in row.flags
+    assert row.errors == ["alignfs rep 4: MountError: boom"]
+
+
+def test_escape_flag() -> None:
+    ok = make_run("direct", 1, 1.0, device_write_bytes=GiB, throttled_write_bytes=GiB)
+    escaped = make_run("direct", 1, 1.0, device_write_bytes=GiB, throttled_write_bytes=GiB // 10)
+    unthrottled = make_run("direct", 1, 1.0, device_write_bytes=GiB, throttled_write_bytes=0,
+                           throttled=False)  # fmt: skip
+    assert not ok.escaped and escaped.escaped and not unthrottled.escaped
+    row = RowResult("savevm", "ref", "time", "direct-writeback", None, direct_runs=[escaped])
+    assert "direct: most bytes escaped the throttle" in row.flags
+
+
+def test_rate_metric_row() -> None:
+    runs_d = [make_run("direct", 1, 10.0, payload=8 * MiB)]
+    runs_a = [make_run("alignfs", 1, 10.0, payload=800 * MiB, drain=0.0)]
+    row = RowResult("fio-4k", "fio write bs=4K 10s", "rate", "direct", "alignfs",
+                    runs_d, runs_a, bandwidth_limit=150 * MiB)  # fmt: skip
+    assert row.speedup == pytest.approx(100.0)
+    assert report.fmt_metric("rate", row.direct_median) == "0.84 MB/s"
+    assert report.fmt_metric("rate", row.alignfs_median) == "83.9 MB/s"
+
+
+def test_table_rendering() -> None:
+    ref = RowResult("savevm", "savevm 1G direct cache=writeback (reference)", "time",
+                    "direct-writeback", None, direct_runs=[make_run("direct", 1, 3.5)])  # fmt: skip
+    text = report.render_table([savevm_row(), ref])
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["scenario", "direct", "alignfs", "speedup"]
+    assert set(lines[1]) == {"-"}
+    assert "savevm 1G cache=none" in lines[2]
+    for cell in ("210.0 s", "10.0 s", "21.00x", "107 (68%)", "40,000 -> 260", "2.00"):
+        assert cell in lines[2], cell
+    assert "3.50 s" in lines[3]
+    assert "x" not in lines[3].split("3.50 s")[1]  # no speedup for a reference line
+    # all columns line up: "direct" header ends where the values end
+    end = lines[0].index("direct") + len("direct")
+    assert lines[2][:end].endswith("210.0 s") and lines[3][:end].endswith("3.50 s")
+
+
+def test_skipped_side_and_missing_stats() -> None:
+    row = savevm_row()
+    for run in row.alignfs_runs:
+        run.stats = None  # stats unavailable: the column shows "-", not a crash
+    assert report.row_cells(row)[5] == "-"
+    row.alignfs_runs = []
+    row.skipped_sides = ["alignfs"]
+    cells = report.row_cells(row)
+    assert cells[2] == "skipped"
+    assert cells[3] == "-"
+
+
+def test_json_rendering_round_trip() -> None:
+    meta = {"model": {"kind": "zram3"}, "repeat": 3}
+    data = json.loads(report.render_json([savevm_row()], meta))
+    assert data["meta"] == meta
+    (row,) = data["rows"]
+    assert row["unit"] == "s"
+    assert row["direct_median"] == 210.0 and row["alignfs_median"] == 10.0
+    assert row["speedup"] == pytest.approx(21.0)
+    assert row["write_requests"] == 40000 and row["backing_writes"] == 260
+    assert len(row["direct_runs"]) == 3 and len(row["alignfs_runs"]) == 3
+    first = row["alignfs_runs"][0]
+    assert first["total_seconds"] == 10.0 and first["stats"]["backing_writes"] == 250
+    assert first["escaped"] is False
+
+
+def test_saved_json_renders_the_same_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from alignfs.bench import cli
+
+    rows = [savevm_row()]
+    rows[0].notes = ["direct side: cache=none"]
+    meta = {"model": {"kind": "zram3", "size": 4 * GiB, "throttle": None}, "repeat": 3}
+    saved = tmp_path / "r.json"
+    saved.write_text(report.render_json(rows, meta))
+    loaded = [results.row_from_json(r) for r in json.loads(saved.read_text())["rows"]]
+    assert report.render_table(loaded) == report.render_table(rows)
+    assert cli.main(["--render", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "zram3 4G ext4, no throttle; repeat 3" in out
+    assert report.render_table(rows) in out
