@@ -599,11 +599,16 @@ class Operations(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles[fh]
-        cf = handle.cached or (self.cache.files.get(handle.inode.key) if self.cache else None)
+        if handle.cached is not None:
+            await handle.cached.fsync(datasync)
+            return
+        # A read-only handle: write out what other handles buffered, then sync
+        # through this handle's own descriptor (the CachedFile may be released,
+        # and its descriptor closed, meanwhile).
+        cf = self.cache.files.get(handle.inode.key) if self.cache else None
         if cf is not None:
-            await cf.fsync(datasync)
-        else:
-            await self.io.data(self.io.sync, handle.fd, datasync, handle.inode.name)
+            await cf.write_back("fsync")
+        await self.io.data(self.io.sync, handle.fd, datasync, handle.inode.name)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
