@@ -107,13 +107,9 @@ class BackingIO:
         """Fill *view* from *offset*; returns bytes read (short only at EOF)."""
         if self.faults:
             self.faults.check("read", name)
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
-        return done
+        # One read: a short count means end of file (continuing at an unaligned
+        # position would fail on an O_DIRECT descriptor if the file grew meanwhile).
+        return os.preadv(fd, [view], offset)
 
     def pread(self, fd: int, size: int, offset: int, name: str) -> bytes:
         if self.faults:

@@ -296,13 +296,12 @@ class ReadAhead:
         if not ra.direct:
             return self.io.pread(ra.fd, length, start, ra.name)
         mem = mmap.mmap(-1, length)
+        view = memoryview(mem)
         try:
-            view = memoryview(mem)
             n = self.io.pread_into(ra.fd, view, start, ra.name)
-            data = bytes(view[:n])
-            view.release()
-            return data
+            return bytes(view[:n])
         finally:
+            view.release()
             mem.close()
 
     def _install(self, ra: FileReadAhead, seg: Segment) -> None:

@@ -254,8 +254,10 @@ class CachedFile:
             return
         last = self.queue[-1]
         while not last.done:
-            if not self.flushing and self.error is not None:
-                raise self.error
+            if not self.flushing:
+                if self.error is not None:
+                    raise self.error
+                self.cache.kick(self, force=True)
             await self.progress.park()
 
     def start_write_back(self, cause: str, force: bool = False) -> None:
@@ -422,8 +424,7 @@ class WriteCache:
         merges COW with data and rewrites clusters it just allocated; with the
         buffer written at once, every such rewrite became another small backing
         write). So the least recently written buffer that the writers have
-        passed (full, or covering up to its window's end: the rest of a window
-        split by an fsync or pressure) goes first; else the emptiest (a
+        passed (see ``_passed``) goes first; else the emptiest (a
         straggler patching an old window, not the stream's frontier), least
         recently written on ties. Judging by "passed" rather than "full" keeps
         one split window from splitting every later one.
@@ -435,8 +436,11 @@ class WriteCache:
             self.seal(min(cf.filling.values(), key=lambda b: b.filled), "moved_on")
 
     def _passed(self, buf: Buffer) -> bool:
-        """The writers have reached the end of this buffer's window (it may be full)."""
-        return bool(buf.ranges) and buf.ranges.last() == self.buffer_size
+        """The writers are done with this buffer's window: it is covered from its
+        first byte to the window's end without a hole (full, or the rest of a
+        window split by an fsync or pressure). A window whose pieces arrive out
+        of order reaches its end before it is complete: that does not count."""
+        return len(buf.ranges) == 1 and buf.ranges.last() == self.buffer_size
 
     def backing_changed(self, key: Key) -> None:
         """BACKING changed under read-ahead (write-out, truncate): drop what it holds."""
@@ -494,8 +498,12 @@ class WriteCache:
                     async with cf.lock:
                         if buf.ranges:
                             await self._write_out(cf, buf)
-                except OSError as exc:
+                except Exception as exc:
                     self.stats.backing_errors += 1
+                    if not isinstance(exc, OSError):
+                        # A bug, not the disk: keep the data, report EIO, go on serving.
+                        log.exception("%s: internal error writing back", cf.name)
+                        exc = OSError(errno.EIO, "internal error in write-back (see log)")
                     if exc.errno not in PERMANENT_ERRNOS:
                         self._write_out_failed(cf, buf, exc)
                         return
@@ -578,16 +586,16 @@ class WriteCache:
         """Worker thread: read partly covered blocks and fill their uncovered bytes."""
         align = self.align
         scratch = mmap.mmap(-1, align)
+        sview = memoryview(scratch)
         try:
-            sview = memoryview(scratch)
             for block in blocks:
                 n = self.io.pread_into(cf.fd, sview, buf.window + block, cf.name)
                 if n < align:
                     sview[n:] = bytes(align - n)
                 for gs, ge in buf.ranges.gaps(block, block + align):
                     buf.view[gs:ge] = sview[gs - block:ge - block]
-            sview.release()
         finally:
+            sview.release()
             scratch.close()
 
     def _pwrite_extents(self, cf: CachedFile, buf: Buffer,
