@@ -406,7 +406,8 @@ class WriteCache:
                 self.filling[buf] = None
                 self.stats.buffers_in_use = self.pool.in_use
                 break
-            if self.filling:
+            if self.filling and not self._memory_coming_back():
+                # Only filling buffers hold memory: give one up (a passed one first).
                 done = next((b for b in self.filling if self._passed(b)), None)
                 self.seal(done or next(iter(self.filling)), "pressure")
             if waited_since is None:
@@ -446,6 +447,16 @@ class WriteCache:
         """BACKING changed under read-ahead (write-out, truncate): drop what it holds."""
         if self.readahead is not None:
             self.readahead.invalidate(key)
+
+    def _memory_coming_back(self) -> bool:
+        """Some sealed buffer is being written out: waiting frees memory.
+
+        Then a writer waits rather than sealing a filling buffer early: under a
+        slow disk that would split the stream's windows into small writes
+        (each one more IOPS) exactly when the disk is the bottleneck.
+        """
+        return any(cf.flushing and cf.queue and cf.error is None
+                   for cf in self.files.values())
 
     def _stuck_buffers(self) -> int:
         """Buffers held by files whose write-out is failing.
