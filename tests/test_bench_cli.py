@@ -96,7 +96,8 @@ def test_every_row_refers_to_existing_cases() -> None:
     built = scenarios.build_scenarios(list(scenarios.SCENARIO_NAMES), opts)
     names = [s.name for s in built]
     assert names == [
-        "savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast-savevm", "fast-fio-1m"
+        "savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast-savevm", "fast-fio-1m",
+        "loadvm", "qemu-img-read", "fio-read-4k", "fio-randread-4k",
     ]  # fmt: skip
     for sc in built:
         keys = [c.key for c in sc.cases()]
@@ -154,3 +155,90 @@ def test_missing_client_is_skipped_not_crashed(
     assert "skipping scenario fio-1m: fio not installed" in err
     assert "skipping scenario qemu-img-bench: qemu-img not installed" in err
     assert "nothing to run" in err
+
+
+def test_read_scenarios_are_named_not_default() -> None:
+    assert not set(scenarios.READ_SCENARIOS) & set(cli.parse_args([]).scenarios)
+    assert not set(scenarios.READ_SCENARIOS) & set(cli.parse_args(["--demo"]).scenarios)
+    names = "loadvm,qemu-img-read,fio-read-4k,fio-randread-4k"
+    args = cli.parse_args(["--scenarios", names, "--fio-read-size", "3G", "--ram", "256M"])
+    assert args.scenarios == names.split(",")
+    assert args.fio_read_size == 3 * GiB and args.model_size >= 6 * GiB
+    built = scenarios.build_scenarios(args.scenarios, cli.scenario_options(args))
+    assert [s.name for s in built] == names.split(",")
+    for sc in built:
+        assert sc.direction == "read" and sc.unthrottled_prepare and sc.throttled
+    loadvm, img, seq, rand = built
+    assert isinstance(loadvm, scenarios.LoadvmScenario) and loadvm.ram == 256 * MiB
+    assert seq.size == rand.size == 3 * GiB and seq.runtime == rand.runtime == 10.0
+    assert img.payload >= GiB
+
+
+def test_loadvm_cases_rows_and_target() -> None:
+    sc = scenarios.LoadvmScenario(ram=GiB)
+    assert [(c.key, c.param("cache")) for c in sc.cases()] == [
+        ("direct-none", "none"), ("alignfs-none", "none"), ("direct-writeback", "writeback")
+    ]  # fmt: skip
+    main, ref = sc.rows()
+    assert (main.direct, main.alignfs, main.target_percent) == ("direct-none", "alignfs-none", 85)
+    assert ref.alignfs is None and "reference" in ref.label
+    only_none = scenarios.LoadvmScenario(ram=GiB, caches=("none",))
+    assert [c.key for c in only_none.cases()] == ["direct-none", "alignfs-none"]
+    assert len(only_none.rows()) == 1
+
+
+def test_qemu_img_read_argv(tmp_path: Path) -> None:
+    sc = scenarios.QemuImgReadScenario(total=512 * MiB, depth=4)
+    argv = sc.argv(tmp_path / "bench.raw")
+    assert "-w" not in argv
+    assert argv[:4] == ["qemu-img", "bench", "-t", "none"]
+    assert argv[argv.index("-s") + 1] == argv[argv.index("-S") + 1] == "131328"
+    assert argv[argv.index("-c") + 1] == str(sc.count) and sc.payload >= 512 * MiB
+    assert argv[argv.index("-d") + 1] == "4" and argv[-1].endswith("bench.raw")
+    (row,) = sc.rows()
+    assert row.direct == "direct-raw" and row.alignfs == "alignfs-raw"
+    assert [c.key for c in sc.cases()] == ["direct-raw", "alignfs-raw"]
+
+
+def test_fio_read_argv_and_rows(tmp_path: Path) -> None:
+    seq = scenarios.FioReadScenario(name="fio-read-4k", rw="read", bs=4096, size=GiB, runtime=5)
+    rand = scenarios.FioReadScenario(
+        name="fio-randread-4k", rw="randread", bs=4096, size=GiB, runtime=5
+    )
+    for sc, rw in ((seq, "read"), (rand, "randread")):
+        argv = sc.argv(tmp_path)
+        assert f"--rw={rw}" in argv and "--direct=1" in argv and "--bs=4096" in argv
+        assert "--time_based" in argv and "--runtime=5" in argv and "--ioengine=psync" in argv
+        assert "--iodepth=1" in argv and f"--size={GiB}" in argv
+    assert seq.rows()[0].target_speedup is None
+    assert rand.rows()[0].target_speedup == 0.97
+
+
+def test_parse_fio_json_read_section() -> None:
+    text = (
+        '{"jobs": [{"error": 0, "read": {"io_bytes": 8192, "runtime": 2000, "iops": 1.0, '
+        '"bw_bytes": 4096}, "write": {"io_bytes": 0, "runtime": 0}}]}'
+    )
+    assert scenarios.parse_fio_json(text, "read")["io_bytes"] == 8192
+    assert scenarios.parse_fio_json(text)["io_bytes"] == 0
+
+
+def test_fill_helpers(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    scenarios.fill_random(path, 5 * MiB + 3, chunk=MiB)
+    data = path.read_bytes()
+    assert len(data) == 5 * MiB + 3 and data.count(0) < MiB
+    scenarios.fill_zeros(path, 2 * MiB + 1, chunk=MiB)
+    assert path.read_bytes() == bytes(2 * MiB + 1)
+
+
+def test_missing_read_clients_are_skipped(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(scenarios, "which", lambda name: None)
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    assert cli.main(["--scenarios", "loadvm,qemu-img-read,fio-randread-4k", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "skipping scenario loadvm: qemu-system-x86_64, qemu-img not installed" in err
+    assert "skipping scenario qemu-img-read: qemu-img not installed" in err
+    assert "skipping scenario fio-randread-4k: fio not installed" in err

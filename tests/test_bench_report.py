@@ -154,3 +154,98 @@ def test_saved_json_renders_the_same_table(
     out = capsys.readouterr().out
     assert "zram3 4G ext4, no throttle; repeat 3" in out
     assert report.render_table(rows) in out
+
+
+def read_row(alignfs_seconds: float, direct_seconds: float = 170.0, **kw: object) -> RowResult:
+    stats = {
+        "read_requests": 32768,
+        "backing_reads": 140,
+        "readahead_hits": 32700,
+        "readahead_bytes": GiB,
+        "readahead_wasted_bytes": 8 * MiB,
+        "write_requests": 0,
+        "backing_writes": 0,
+    }
+    return RowResult(
+        scenario="loadvm",
+        label="loadvm 1G cache=none",
+        metric="time",
+        direct_case="direct-none",
+        alignfs_case="alignfs-none",
+        direct_runs=[make_run("direct", 1, direct_seconds)],
+        alignfs_runs=[make_run("alignfs", 1, alignfs_seconds, stats=stats)],
+        bandwidth_limit=150 * MiB,
+        direction="read",
+        **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_read_row_counters_and_readahead_note() -> None:
+    row = read_row(7.5, target_percent=85.0)
+    assert row.requests_in == 32768 and row.requests_out == 140
+    assert row.readahead_bytes == GiB and row.readahead_hits == 32700
+    cells = report.row_cells(row)
+    assert cells[5] == "r 32,768 -> 140"
+    assert "read-ahead 1,074 MB, wasted 8.4 MB" in cells[7]
+    assert "target alignfs >= 85% of limit: met (91%)" in cells[7]
+    text = report.render_table([savevm_row(), row])
+    assert "writes/reads in -> out" in text.splitlines()[0]
+    assert "40,000 -> 260" in text  # write rows keep their counters
+    assert "writes/reads" not in report.render_table([savevm_row()])
+
+
+def test_targets_missed_and_speedup_goal() -> None:
+    slow = read_row(20.0, target_percent=85.0)
+    assert slow.target_results() == ["target alignfs >= 85% of limit: MISSED (34%)"]
+    rand = read_row(2.1, direct_seconds=2.0, target_speedup=1.0)
+    assert rand.target_results() == ["target no slower than direct: MISSED (0.952x)"]
+    ok = read_row(1.9, direct_seconds=2.0, target_speedup=1.0)
+    assert ok.target_results() == ["target no slower than direct: met (1.053x)"]
+    noisy = read_row(2.02, direct_seconds=2.0, target_speedup=0.97)
+    assert noisy.target_results() == [
+        "target no slower than direct (>= 0.97x: noise allowed): met (0.990x)"
+    ]
+    fast = read_row(1.0, direct_seconds=2.0, target_speedup=1.5)
+    assert fast.target_results() == ["target speedup >= 1.5x: met (2.000x)"]
+    no_alignfs = read_row(1.0, target_percent=85.0)
+    no_alignfs.alignfs_runs = []
+    assert no_alignfs.target_results() == []
+
+
+def test_read_row_json_round_trip() -> None:
+    row = read_row(7.5, target_percent=85.0)
+    data = json.loads(report.render_json([row], {}))["rows"][0]
+    assert data["direction"] == "read" and data["target_percent"] == 85.0
+    assert data["read_requests"] == 32768 and data["backing_reads"] == 140
+    assert data["readahead_wasted_bytes"] == 8 * MiB
+    assert data["targets"] == ["target alignfs >= 85% of limit: met (91%)"]
+    loaded = results.row_from_json(data)
+    assert loaded.direction == "read" and loaded.target_percent == 85.0
+    assert report.render_table([loaded]) == report.render_table([row])
+    old = dict(data)
+    for key in ("direction", "target_percent", "target_speedup"):
+        del old[key]  # files written before read scenarios existed
+    assert results.row_from_json(old).direction == "write"
+
+
+def test_read_runs_do_not_count_the_drain_and_escape_by_reads() -> None:
+    run = make_run("alignfs", 1, 2.0, drain=0.5, payload=8 * MiB, direction="read")
+    assert run.total_seconds == 2.0 and run.rate == pytest.approx(4 * MiB)
+    assert run.to_json()["total_seconds"] == 2.0
+    assert results.run_from_json(run.to_json()).total_seconds == 2.0
+    write = make_run("alignfs", 1, 2.0, drain=0.5)
+    assert write.total_seconds == 2.5
+    # a few KB of metadata writes do not flag a read run; uncharged reads do
+    meta = make_run(
+        "alignfs",
+        1,
+        2.0,
+        direction="read",
+        device_write_bytes=49152,
+        throttled_write_bytes=0,
+        device_read_bytes=GiB,
+        throttled_read_bytes=GiB,
+    )
+    assert not meta.escaped
+    meta.throttled_read_bytes = 0
+    assert meta.escaped

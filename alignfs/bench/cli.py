@@ -32,12 +32,21 @@ from .mount import AlignfsCommand
 from .report import render_json, render_table
 from .results import RowResult, row_from_json
 from .runner import Progress, Runner
-from .scenarios import SCENARIO_NAMES, BenchContext, ScenarioOptions, build_scenarios
+from .scenarios import (
+    READ_SCENARIOS,
+    SCENARIO_NAMES,
+    WRITE_SCENARIOS,
+    BenchContext,
+    ScenarioOptions,
+    build_scenarios,
+)
 from .sysutil import GiB, MiB, format_bytes, parse_size, run, which
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCENARIOS = ("savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast")
+#: Without --scenarios only the write scenarios run; the read scenarios
+#: (loadvm, qemu-img-read, fio-read-4k, fio-randread-4k) are chosen by name.
+DEFAULT_SCENARIOS = WRITE_SCENARIOS
 
 #: Values --demo sets unless the option is given explicitly.
 DEMO_PRESET: dict[str, Any] = {
@@ -100,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenarios",
         type=_scenario_list,
         default=None,
-        help=f"comma-separated subset of {','.join(SCENARIO_NAMES)} (default: all)",
+        help=f"comma-separated subset of {','.join(SCENARIO_NAMES)} (default: the write "
+        f"scenarios {','.join(WRITE_SCENARIOS)}; the read scenarios "
+        f"{','.join(READ_SCENARIOS)} run only when named)",
     )
     p.add_argument(
         "--repeat",
@@ -155,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     s = p.add_argument_group("scenario sizes")
-    s.add_argument("--ram", type=_size, default=None, help="savevm VM RAM size (default 1G)")
+    s.add_argument(
+        "--ram", type=_size, default=None, help="savevm / loadvm VM RAM size (default 1G)"
+    )
     s.add_argument(
         "--disk-size",
         type=_size,
@@ -166,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--savevm-caches",
         type=_caches,
         default=None,
-        help="qemu cache modes for savevm: none or none,writeback (default both)",
+        help="qemu cache modes for savevm and loadvm: none or none,writeback (default both; "
+        "for loadvm, writeback adds a direct-only reference line)",
     )
     s.add_argument(
         "--verify-loadvm",
@@ -175,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the restored RAM byte for byte (reads it back through the throttle)",
     )
     s.add_argument(
-        "--bench-size", type=_size, default=None, help="bytes qemu-img bench writes (default 1G)"
+        "--bench-size",
+        type=_size,
+        default=None,
+        help="bytes qemu-img bench writes, and qemu-img-read reads (default 1G)",
     )
     s.add_argument(
         "--bench-depth",
@@ -187,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fio-runtime",
         type=float,
         default=10.0,
-        help="seconds per fio-4k / fio-512 run (default 10)",
+        help="seconds per fio-4k / fio-512 / fio-read-4k / fio-randread-4k run (default 10)",
     )
     s.add_argument(
         "--fio-size",
@@ -197,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--fio-1m-size", type=_size, default=GiB, help="bytes written by fio-1m (default 1G)"
+    )
+    s.add_argument(
+        "--fio-read-size",
+        type=_size,
+        default=GiB,
+        help="size of the prefilled file fio-read-4k / fio-randread-4k read (default 1G)",
     )
     s.add_argument(
         "--ram-dir",
@@ -262,7 +285,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     elif args.bps is None:
         args.bps = 150 * MiB
     if args.model_size is None:
-        need = max(args.ram * 2, args.bench_size * 2, args.fio_1m_size * 2, args.fio_size * 2)
+        need = 2 * max(
+            args.ram, args.bench_size, args.fio_1m_size, args.fio_size, args.fio_read_size
+        )
         args.model_size = max(4 * GiB, need + GiB)
     return args
 
@@ -278,6 +303,7 @@ def scenario_options(args: argparse.Namespace) -> ScenarioOptions:
         fio_runtime=args.fio_runtime,
         fio_small_size=args.fio_size,
         fio_1m_size=args.fio_1m_size,
+        fio_read_size=args.fio_read_size,
     )
 
 
@@ -443,6 +469,7 @@ def _meta(
             "fio_runtime": args.fio_runtime,
             "fio_size": args.fio_size,
             "fio_1m_size": args.fio_1m_size,
+            "fio_read_size": args.fio_read_size,
         },
         "alignfs_command": cmd.prefix,
         "mount_options": cmd.mount_options,

@@ -37,6 +37,9 @@ STAT_KEYS = (
     "rmw_block_reads",
     "read_requests",
     "backing_reads",
+    "readahead_hits",
+    "readahead_bytes",
+    "readahead_wasted_bytes",
     "dirty_bytes",
     "peak_dirty_bytes",
 )

@@ -8,10 +8,12 @@ Table columns:
 ``speedup``
     how many times better alignfs is (> 1: alignfs wins);
 ``alignfs MB/s (% limit)``
-    alignfs payload throughput, and its share of the model's write bandwidth
-    limit (none without a throttle);
+    alignfs payload throughput, and its share of the model's bandwidth limit
+    in the scenario's direction (none without a throttle);
 ``writes in -> out``
-    alignfs ``write_requests`` -> ``backing_writes`` (medians);
+    alignfs ``write_requests`` -> ``backing_writes`` (medians); for read
+    scenarios ``read_requests`` -> ``backing_reads``, marked ``r`` (the header
+    then says ``writes/reads``);
 ``CPU s/GiB``
     alignfs daemon CPU seconds per GiB of payload.
 """
@@ -60,7 +62,7 @@ def fmt_percent(value: float | None) -> str:
 
 
 def fmt_alignfs_rate(row: RowResult) -> str:
-    """``140 (89%)``: alignfs MB/s and its share of the model's write bandwidth limit."""
+    """``140 (89%)``: alignfs MB/s and its share of the bandwidth limit."""
     rate = row.alignfs_rate
     if rate is None:
         return "-"
@@ -73,10 +75,12 @@ def fmt_alignfs_rate(row: RowResult) -> str:
 def row_cells(row: RowResult) -> list[str]:
     if row.alignfs_case is None:
         writes = ""
-    elif row.write_requests is None and row.backing_writes is None:
+    elif row.requests_in is None and row.requests_out is None:
         writes = "-"
     else:
-        writes = f"{fmt_count(row.write_requests)} -> {fmt_count(row.backing_writes)}"
+        writes = f"{fmt_count(row.requests_in)} -> {fmt_count(row.requests_out)}"
+        if row.direction == "read":
+            writes = "r " + writes
     cpu = row.daemon_cpu_per_gib
     notes = row.flags
     if row.errors:
@@ -101,7 +105,10 @@ def row_cells(row: RowResult) -> list[str]:
 
 def render_table(rows: Sequence[RowResult]) -> str:
     """Fixed-width text table, one line per row, notes column last and unpadded."""
-    cells = [list(HEADERS)] + [row_cells(r) for r in rows]
+    headers = list(HEADERS)
+    if any(r.direction == "read" for r in rows):
+        headers[5] = "writes/reads in -> out"
+    cells = [headers] + [row_cells(r) for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(HEADERS) - 1)]
     right = {1, 2, 3, 4, 5, 6}
     out = []

@@ -46,13 +46,24 @@ class RunResult:
     daemon_cpu_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``"write"`` or ``"read"``.  A read run has no data to make durable: its
+    #: drain (the alignfs umount) is recorded but not part of the measured time.
+    direction: str = "write"
+
+    @property
+    def drain_counted(self) -> bool:
+        return self.direction != "read"
 
     @property
     def total_seconds(self) -> float | None:
-        """Client time plus the time to make its data durable (fsync / umount)."""
+        """Client time plus the time to make its data durable (fsync / umount).
+
+        For a read run only the client time: there is nothing to make durable.
+        """
         if self.client_seconds is None:
             return None
-        return self.client_seconds + (self.drain_seconds or 0.0)
+        drain = (self.drain_seconds or 0.0) if self.drain_counted else 0.0
+        return self.client_seconds + drain
 
     @property
     def rate(self) -> float | None:
@@ -67,11 +78,15 @@ class RunResult:
 
     @property
     def escaped(self) -> bool:
-        """True if most bytes written to the device were not charged to the throttle."""
-        if not self.throttled or not self.device_write_bytes:
+        """True if most bytes the device handled in the run's direction were not
+        charged to the throttle (writes: kernel writeback; reads: should not happen)."""
+        if self.direction == "read":
+            device, charged = self.device_read_bytes, self.throttled_read_bytes
+        else:
+            device, charged = self.device_write_bytes, self.throttled_write_bytes
+        if not self.throttled or not device:
             return False
-        charged = self.throttled_write_bytes or 0
-        return charged < ESCAPE_FLAG_SHARE * self.device_write_bytes
+        return (charged or 0) < ESCAPE_FLAG_SHARE * device
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -114,6 +129,13 @@ class RowResult:
     bandwidth_limit: float | None = None
     notes: list[str] = field(default_factory=list)
     skipped_sides: list[str] = field(default_factory=list)
+    #: ``"write"`` or ``"read"``: which alignfs counters the row shows and
+    #: which bandwidth limit :attr:`bandwidth_limit` is.
+    direction: str = "write"
+    #: Goal: alignfs reaches at least this percentage of the bandwidth limit.
+    target_percent: float | None = None
+    #: Goal: :attr:`speedup` is at least this (1.0: alignfs no slower than direct).
+    target_speedup: float | None = None
 
     @staticmethod
     def _median(runs: list[RunResult], fn: Any) -> float | None:
@@ -159,6 +181,60 @@ class RowResult:
         return self._stat_median("backing_writes")
 
     @property
+    def read_requests(self) -> float | None:
+        return self._stat_median("read_requests")
+
+    @property
+    def backing_reads(self) -> float | None:
+        return self._stat_median("backing_reads")
+
+    @property
+    def requests_in(self) -> float | None:
+        """Client requests alignfs received in this row's direction (median)."""
+        return self.read_requests if self.direction == "read" else self.write_requests
+
+    @property
+    def requests_out(self) -> float | None:
+        """Requests alignfs sent to the backing file in this row's direction (median)."""
+        return self.backing_reads if self.direction == "read" else self.backing_writes
+
+    @property
+    def readahead_bytes(self) -> float | None:
+        return self._stat_median("readahead_bytes")
+
+    @property
+    def readahead_wasted_bytes(self) -> float | None:
+        return self._stat_median("readahead_wasted_bytes")
+
+    @property
+    def readahead_hits(self) -> float | None:
+        return self._stat_median("readahead_hits")
+
+    def target_results(self) -> list[str]:
+        """One line per goal of the row: what it is, met or MISSED, and the value."""
+        out = []
+        if self.target_percent is not None and self.alignfs_case:
+            pct = self.alignfs_percent_of_limit
+            if pct is not None:
+                verdict = "met" if pct >= self.target_percent else "MISSED"
+                out.append(
+                    f"target alignfs >= {self.target_percent:g}% of limit: {verdict} ({pct:.0f}%)"
+                )
+        if self.target_speedup is not None and self.direct_case and self.alignfs_case:
+            sp = self.speedup
+            if sp is not None:
+                verdict = "met" if sp >= self.target_speedup else "MISSED"
+                t = self.target_speedup
+                if t == 1.0:
+                    goal = "no slower than direct"
+                elif t < 1.0:
+                    goal = f"no slower than direct (>= {t:g}x: noise allowed)"
+                else:
+                    goal = f"speedup >= {t:g}x"
+                out.append(f"target {goal}: {verdict} ({sp:.3f}x)")
+        return out
+
+    @property
     def daemon_cpu_per_gib(self) -> float | None:
         def get(r: RunResult) -> float | None:
             if r.daemon_cpu_seconds is None or not r.payload_bytes:
@@ -178,7 +254,11 @@ class RowResult:
     @property
     def flags(self) -> list[str]:
         """Short warnings for the table's notes column."""
-        out = list(self.notes)
+        out = list(self.notes) + self.target_results()
+        ahead = self.readahead_bytes
+        if self.direction == "read" and ahead:
+            wasted = self.readahead_wasted_bytes or 0
+            out.append(f"read-ahead {ahead / 1e6:,.0f} MB, wasted {wasted / 1e6:,.1f} MB")
         for side, runs in ((DIRECT, self.direct_runs), (ALIGNFS, self.alignfs_runs)):
             if any(r.escaped for r in runs if r.ok):
                 out.append(f"{side}: most bytes escaped the throttle")
@@ -208,6 +288,15 @@ class RowResult:
             "alignfs_percent_of_limit": self.alignfs_percent_of_limit,
             "write_requests": self.write_requests,
             "backing_writes": self.backing_writes,
+            "direction": self.direction,
+            "read_requests": self.read_requests,
+            "backing_reads": self.backing_reads,
+            "readahead_hits": self.readahead_hits,
+            "readahead_bytes": self.readahead_bytes,
+            "readahead_wasted_bytes": self.readahead_wasted_bytes,
+            "target_percent": self.target_percent,
+            "target_speedup": self.target_speedup,
+            "targets": self.target_results(),
             "daemon_cpu_seconds_per_gib": self.daemon_cpu_per_gib,
             "notes": self.notes,
             "skipped_sides": self.skipped_sides,
@@ -237,4 +326,7 @@ def row_from_json(data: dict[str, Any]) -> RowResult:
         bandwidth_limit=data.get("bandwidth_limit"),
         notes=list(data.get("notes", [])),
         skipped_sides=list(data.get("skipped_sides", [])),
+        direction=data.get("direction", "write"),
+        target_percent=data.get("target_percent"),
+        target_speedup=data.get("target_speedup"),
     )

@@ -4,13 +4,15 @@ For every repetition the runner walks the scenario's cases in order (they
 alternate direct / alignfs), and for each one:
 
 1. creates a fresh, empty run directory inside the HDD model and lets the
-   scenario create its input files there;
+   scenario create its input files there (without the throttle if the
+   scenario asks for it: read scenarios prefill large files);
 2. syncs and drops the page cache, sets the throttle for the scenario;
 3. for an alignfs case, mounts a fresh alignfs over the run directory;
 4. runs the client (timed by the scenario);
 5. drains: ``fsync`` of the client's files, then for alignfs ``stats`` and
    ``umount`` (which only returns once all data is written) -- the drain
-   time is part of the measured time;
+   time is part of the measured time of a write scenario (a read scenario
+   has nothing to make durable: its drain is recorded, not counted);
 6. verifies the files in the backing directory and deletes them.
 """
 
@@ -69,7 +71,8 @@ def describe_run(r: RunResult, metric: str) -> str:
     if r.total_seconds is not None:
         parts.append(f"{r.total_seconds:.2f} s")
         if r.drain_seconds and r.drain_seconds >= 0.01:
-            parts.append(f"(drain {r.drain_seconds:.2f} s)")
+            uncounted = "" if r.drain_counted else ", not counted"
+            parts.append(f"(drain {r.drain_seconds:.2f} s{uncounted})")
     if r.rate is not None:
         parts.append(f"{r.rate / 1e6:.1f} MB/s")
     if r.escaped:
@@ -119,7 +122,9 @@ class Runner:
             scenario.teardown(self.ctx)
             self.model.set_throttled(True)
         throttle = self.model.throttle
-        limit = throttle.write_bps if (throttle and scenario.throttled) else None
+        limit = None
+        if throttle and scenario.throttled:
+            limit = throttle.read_bps if scenario.direction == "read" else throttle.write_bps
         rows = []
         for row in scenario.rows():
             rows.append(
@@ -134,6 +139,9 @@ class Runner:
                     bandwidth_limit=float(limit) if limit else None,
                     notes=list(row.notes),
                     skipped_sides=[side for side in (DIRECT, ALIGNFS) if side not in self.sides],
+                    direction=scenario.direction,
+                    target_percent=row.target_percent,
+                    target_speedup=row.target_speedup,
                 )
             )
         return rows
@@ -142,7 +150,13 @@ class Runner:
         what = f"{scenario.name}: {case.label} (rep {rep}/{self.repeat})"
         if self.progress:
             self.progress.start(what)
-        result = RunResult(scenario=scenario.name, case=case.key, side=case.side, rep=rep)
+        result = RunResult(
+            scenario=scenario.name,
+            case=case.key,
+            side=case.side,
+            rep=rep,
+            direction=scenario.direction,
+        )
         if case.side == ALIGNFS and self.alignfs_unavailable:
             result.ok = False
             result.error = f"alignfs unavailable: {self.alignfs_unavailable}"
@@ -165,6 +179,9 @@ class Runner:
         backing.mkdir()
         mountpoint = self.ctx.workdir / f"mnt-{self._run_no:03d}"
         try:
+            if scenario.unthrottled_prepare:
+                # Input files are set-up, not measurement: write them at full speed.
+                self.model.set_throttled(False)
             scenario.prepare(case, backing)
             self.drop()
             self.model.set_throttled(scenario.throttled)

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .qmp import QmpError
 from .results import ALIGNFS, DIRECT
 from .sysutil import GiB, MiB, format_bytes, run, which
 from .vm import QEMU, PausedVm, make_random_file, qemu_argv
@@ -55,6 +57,10 @@ class RowDef:
     direct: str | None
     alignfs: str | None
     notes: tuple[str, ...] = ()
+    #: goal: alignfs reaches this percentage of the bandwidth limit
+    target_percent: float | None = None
+    #: goal: alignfs is at least this many times better than direct
+    target_speedup: float | None = None
 
 
 @dataclass
@@ -86,6 +92,11 @@ class Scenario:
     metric: str = "time"
     throttled: bool = True
     tools: tuple[str, ...] = ()
+    #: ``"write"`` or ``"read"``: the direction whose bandwidth limit and
+    #: alignfs counters the table shows.
+    direction: str = "write"
+    #: Run :meth:`prepare` with the throttle off (large input files).
+    unthrottled_prepare: bool = False
 
     def missing_tools(self) -> list[str]:
         return [t for t in self.tools if which(t) is None]
@@ -467,8 +478,8 @@ class FioScenario(Scenario):
         )
 
 
-def parse_fio_json(text: str) -> dict[str, Any]:
-    """The ``write`` section of the first job in fio's JSON output."""
+def parse_fio_json(text: str, section: str = "write") -> dict[str, Any]:
+    """The *section* (``write`` or ``read``) of the first job in fio's JSON output."""
     start = text.find("{")
     if start < 0:
         raise ValueError(f"no JSON in fio output: {text[:300]!r}")
@@ -476,14 +487,294 @@ def parse_fio_json(text: str) -> dict[str, Any]:
     job = data["jobs"][0]
     if job.get("error"):
         raise RuntimeError(f"fio job error {job['error']}")
-    return job["write"]
+    return job[section]
+
+
+# --------------------------------------------------------------------------
+# read scenarios
+
+
+def fill_random(path: Path, size: int, chunk: int = 16 << 20) -> None:
+    """Create *path* with *size* fresh random bytes (overwriting it)."""
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(chunk, left)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def fill_zeros(path: Path, size: int, chunk: int = 16 << 20) -> None:
+    """Write *size* zero bytes over *path* (allocated, unlike a sparse file)."""
+    zeros = bytes(chunk)
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(chunk, left)
+            f.write(zeros[:n])
+            left -= n
+
+
+class LoadvmScenario(SavevmScenario):
+    """``loadvm`` of a snapshot of random RAM from a qcow2 image (the read headline).
+
+    Set-up per run (not timed, throttle off): a paused VM saves its random
+    RAM into ``disk.qcow2`` in the backing directory with ``cache=writeback``.
+    Then the page cache is dropped and, for an alignfs case, a fresh mount
+    comes up; a second paused VM whose RAM file is all zeros opens the image
+    (directly or through the mount) and ``loadvm snap1`` is timed.  Its RAM
+    must then equal the saved RAM byte for byte.
+    """
+
+    direction = "read"
+    unthrottled_prepare = True
+
+    #: (case key, side, qemu cache mode); the writeback case is a reference line
+    ALL_CASES = (
+        ("direct-none", DIRECT, "none"),
+        ("alignfs-none", ALIGNFS, "none"),
+        ("direct-writeback", DIRECT, "writeback"),
+    )
+
+    #: goal from the issue: alignfs loadvm at >= 85% of the model's bandwidth
+    TARGET_PERCENT = 85.0
+
+    def __init__(
+        self,
+        *,
+        ram: int = GiB,
+        disk_size: int = 8 * GiB,
+        name: str = "loadvm",
+        throttled: bool = True,
+        caches: tuple[str, ...] = ("none", "writeback"),
+    ) -> None:
+        super().__init__(
+            ram=ram, disk_size=disk_size, name=name, throttled=throttled, caches=caches
+        )
+        self.description = f"loadvm of {format_bytes(ram)} random RAM from qcow2"
+        self.target_file: Path | None = None
+
+    def rows(self) -> list[RowDef]:
+        size = format_bytes(self.ram)
+        rows = [
+            RowDef(
+                f"loadvm {size} cache=none",
+                "direct-none",
+                "alignfs-none",
+                target_percent=self.TARGET_PERCENT,
+            )
+        ]
+        if "writeback" in self.caches:
+            rows.append(
+                RowDef(
+                    f"loadvm {size} direct cache=writeback (reference)", "direct-writeback", None
+                )
+            )
+        return rows
+
+    def setup(self, ctx: BenchContext) -> None:
+        super().setup(ctx)
+        self.target_file = ctx.ram_dir / f"loadvm-ram-{self.ram}.bin"
+
+    def teardown(self, ctx: BenchContext) -> None:
+        super().teardown(ctx)
+        if self.target_file is not None:
+            self.target_file.unlink(missing_ok=True)
+
+    def _vm(self, ram_file: Path, disk: Path, cache: str, tag: str) -> PausedVm:
+        assert self.ctx is not None
+        sock = self.ctx.workdir / "qmp.sock"
+        sock.unlink(missing_ok=True)
+        argv = qemu_argv(
+            ram_file=ram_file, ram_size=self.ram, disk=disk, cache=cache, qmp_socket=sock
+        )
+        log_path = self.ctx.workdir / "logs" / f"qemu-{self.name}-{tag}.log"
+        return PausedVm(argv, sock, log_path)
+
+    def prepare(self, case: Case, backing: Path) -> None:
+        assert self.ctx is not None and self.ram_file is not None
+        assert self.target_file is not None
+        super().prepare(case, backing)  # the empty qcow2 image
+        vm = self._vm(self.ram_file, backing / "disk.qcow2", "writeback", f"{case.key}-savevm")
+        try:
+            with vm:
+                vm.savevm("snap1", timeout=self.ctx.timeout)
+                status = vm.quit()
+        except Exception as exc:
+            raise RuntimeError(f"set-up savevm: {exc} [qemu log: {vm.log_tail(500)}]") from exc
+        finally:
+            vm.qmp_socket.unlink(missing_ok=True)
+        if status != 0:
+            raise RuntimeError(f"set-up savevm: qemu exited with {status}: {vm.log_tail(500)}")
+        fill_zeros(self.target_file, self.ram)
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        assert self.target_file is not None
+        vm = self._vm(self.target_file, target / "disk.qcow2", case.param("cache"), case.key)
+        try:
+            with vm:
+                t0 = time.monotonic()
+                out = vm.qmp.hmp("loadvm snap1", timeout=ctx.timeout)
+                seconds = time.monotonic() - t0
+                if out.strip():
+                    raise QmpError(f"loadvm snap1: {out.strip()[:300]}")
+                status = vm.quit()
+        except Exception as exc:
+            raise RuntimeError(f"{exc} [qemu log: {vm.log_tail(500)}]") from exc
+        finally:
+            vm.qmp_socket.unlink(missing_ok=True)
+        if status != 0:
+            raise RuntimeError(f"qemu exited with {status}: {vm.log_tail(500)}")
+        # Nothing was written: no files to fsync.
+        return ClientOutcome(seconds, self.ram)
+
+    def verify(self, case: Case, backing: Path) -> str | None:
+        assert self.ram_file is not None and self.target_file is not None
+        offset = first_difference(self.ram_file, self.target_file)
+        if offset is not None:
+            return f"RAM restored by loadvm differs from the saved RAM at offset {offset}"
+        return None
+
+
+class QemuImgReadScenario(QemuImgBenchScenario):
+    """``qemu-img bench -t none`` (read) of unaligned 128 KiB + 256 B sequential requests."""
+
+    direction = "read"
+    unthrottled_prepare = True
+
+    def __init__(
+        self,
+        *,
+        total: int = GiB,
+        buffer_size: int = 131328,
+        depth: int | None = None,
+        name: str = "qemu-img-read",
+        throttled: bool = True,
+    ) -> None:
+        super().__init__(
+            total=total,
+            buffer_size=buffer_size,
+            formats=("raw",),
+            depth=depth,
+            name=name,
+            throttled=throttled,
+        )
+        self.description = (
+            f"qemu-img bench -t none -s {buffer_size} -S {buffer_size} -c {self.count} (read)"
+        )
+
+    def rows(self) -> list[RowDef]:
+        return [
+            RowDef(
+                f"qemu-img bench read raw {format_bytes(self.buffer_size)}B x {self.count}",
+                "direct-raw",
+                "alignfs-raw",
+            )
+        ]
+
+    def prepare(self, case: Case, backing: Path) -> None:
+        size = -(-(self.payload + MiB) // MiB) * MiB
+        fill_random(backing / self._image(case), size)
+
+    def argv(self, image: Path) -> list[str]:
+        argv = ["qemu-img", "bench", "-t", "none", "-f", "raw", "-c", str(self.count)]
+        argv += ["-s", str(self.buffer_size), "-S", str(self.buffer_size)]
+        if self.depth is not None:
+            argv += ["-d", str(self.depth)]
+        return argv + [str(image)]
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        t0 = time.monotonic()
+        proc = run(self.argv(target / self._image(case)), timeout=ctx.timeout)
+        wall = time.monotonic() - t0
+        match = re.search(r"Run completed in ([\d.]+) seconds", proc.stdout)
+        reported = float(match.group(1)) if match else None
+        return ClientOutcome(wall, self.payload, extra={"reported_seconds": reported})
+
+    def verify(self, case: Case, backing: Path) -> str | None:
+        return None
+
+
+class FioReadScenario(FioScenario):
+    """fio 4 KiB reads (sequential or random) with O_DIRECT, queue depth 1, time-based."""
+
+    direction = "read"
+    unthrottled_prepare = True
+    #: goal for the random reader: no slower than direct, within 3% noise
+    RANDOM_TARGET_SPEEDUP = 0.97
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        rw: str,
+        bs: int,
+        size: int,
+        runtime: float | None = None,
+        throttled: bool = True,
+    ) -> None:
+        super().__init__(name=name, bs=bs, size=size, runtime=runtime, throttled=throttled)
+        self.rw = rw
+        limit = f"{runtime:g} s" if runtime else format_bytes(size)
+        self.description = (
+            f"fio rw={rw} bs={bs} direct=1 psync iodepth=1 over {format_bytes(size)}, {limit}"
+        )
+
+    def rows(self) -> list[RowDef]:
+        limit = f"{self.runtime:g}s" if self.runtime else format_bytes(self.size)
+        # A random reader gets no read-ahead: the goal is only not to lose.
+        # Both sides are bound by the same IOPS limit, so a few per cent
+        # either way is noise, not a loss.
+        speedup = self.RANDOM_TARGET_SPEEDUP if self.rw == "randread" else None
+        return [
+            RowDef(
+                f"fio {self.rw} bs={format_bytes(self.bs)} {limit}",
+                DIRECT,
+                ALIGNFS,
+                target_speedup=speedup,
+            )
+        ]
+
+    def prepare(self, case: Case, backing: Path) -> None:
+        fill_random(backing / "fio.dat", self.size)
+
+    def argv(self, target: Path, direct: bool = True) -> list[str]:
+        argv = [
+            "fio",
+            "--name=bench",
+            f"--filename={target / 'fio.dat'}",
+            f"--rw={self.rw}",
+            f"--bs={self.bs}",
+            "--iodepth=1",
+            "--ioengine=psync",
+            f"--size={self.size}",
+            "--direct=1",
+            "--invalidate=1",
+            "--output-format=json",
+        ]
+        if self.rw == "randread":
+            argv.append("--randrepeat=0")
+        if self.runtime:
+            argv += [f"--runtime={self.runtime:g}", "--time_based"]
+        return argv
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        proc = run(self.argv(target), timeout=ctx.timeout + (self.runtime or 0))
+        read = parse_fio_json(proc.stdout, "read")
+        return ClientOutcome(
+            read["runtime"] / 1000.0,
+            int(read["io_bytes"]),
+            extra={"fio_iops": read.get("iops"), "fio_bw_bytes": read.get("bw_bytes")},
+        )
 
 
 # --------------------------------------------------------------------------
 # registry
 
 
-SCENARIO_NAMES = ("savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast")
+WRITE_SCENARIOS = ("savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast")
+READ_SCENARIOS = ("loadvm", "qemu-img-read", "fio-read-4k", "fio-randread-4k")
+SCENARIO_NAMES = WRITE_SCENARIOS + READ_SCENARIOS
 
 
 @dataclass
@@ -499,6 +790,7 @@ class ScenarioOptions:
     fio_runtime: float = 10.0
     fio_small_size: int = 256 * MiB
     fio_1m_size: int = GiB
+    fio_read_size: int = GiB
 
 
 def build_scenarios(names: list[str], opts: ScenarioOptions) -> list[Scenario]:
@@ -538,6 +830,22 @@ def build_scenarios(names: list[str], opts: ScenarioOptions) -> list[Scenario]:
             )
             out.append(
                 FioScenario(name="fast-fio-1m", bs=MiB, size=opts.fio_1m_size, throttled=False)
+            )
+        elif name == "loadvm":
+            out.append(
+                LoadvmScenario(ram=opts.ram, disk_size=opts.disk_size, caches=opts.savevm_caches)
+            )
+        elif name == "qemu-img-read":
+            out.append(QemuImgReadScenario(total=opts.bench_total, depth=opts.bench_depth))
+        elif name in ("fio-read-4k", "fio-randread-4k"):
+            out.append(
+                FioReadScenario(
+                    name=name,
+                    rw="randread" if name == "fio-randread-4k" else "read",
+                    bs=4096,
+                    size=opts.fio_read_size,
+                    runtime=opts.fio_runtime,
+                )
             )
         else:
             raise ValueError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIO_NAMES)})")
