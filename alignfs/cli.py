@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SIZE", help="size of each aligned write buffer (bytes; K/M/G)")
     m.add_argument("--max-dirty", type=_size, default=cfgmod.DEFAULT_MAX_DIRTY,
                    metavar="SIZE", help="bound on all buffered data; writers wait beyond it")
-    m.add_argument("--buffers-per-file", type=int, default=cfgmod.DEFAULT_BUFFERS_PER_FILE,
-                   metavar="N", help="buffers one file may fill at once (others in flight)")
+    m.add_argument("--buffers-per-file", type=int, default=None, metavar="N",
+                   help="buffers one file may fill at once (default: enough for 32M of the "
+                   "file, at least 4, at most half of --max-dirty)")
     m.add_argument("--flush-delay", type=_positive_float, default=cfgmod.DEFAULT_FLUSH_DELAY,
                    metavar="SECONDS", help="write a partly filled buffer after this long")
     m.add_argument("--align", type=_size, default=None, metavar="SIZE",
@@ -214,7 +215,7 @@ def _child_args(cfg: MountConfig, ready_fd: int) -> list[str]:
     args = [sys.executable, "-m", "alignfs", "mount", str(cfg.mountpoint), str(cfg.backing),
             "--foreground", "--ready-fd", str(ready_fd),
             "--buffer-size", str(cfg.buffer_size), "--max-dirty", str(cfg.max_dirty),
-            "--buffers-per-file", str(cfg.buffers_per_file),
+            "--buffers-per-file", str(cfg.effective_buffers_per_file),
             "--flush-delay", str(cfg.flush_delay), "--io-threads", str(cfg.io_threads),
             "--readahead", str(cfg.readahead), "--readahead-memory", str(cfg.readahead_memory),
             "--nonempty"]

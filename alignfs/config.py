@@ -17,7 +17,11 @@ MiB = 1 << 20
 #: Defaults, chosen by measurement on the HDD model (see README "Tuning").
 DEFAULT_BUFFER_SIZE = 8 * MiB
 DEFAULT_MAX_DIRTY = 256 * MiB
-DEFAULT_BUFFERS_PER_FILE = 4
+#: Default buffers per file: enough to span this much of a file at once, so a
+#: client with many requests in flight (qemu-img: 64 x 128 KiB, out of order)
+#: plus qcow2's metadata window fit whatever --buffer-size is (8M: 4 buffers).
+DEFAULT_SPAN_PER_FILE = 32 * MiB
+MIN_BUFFERS_PER_FILE = 4
 DEFAULT_FLUSH_DELAY = 5.0
 DEFAULT_IO_THREADS = 8
 DEFAULT_READAHEAD = 8 * MiB
@@ -37,7 +41,7 @@ class MountConfig:
     #: Bound on all buffered (not yet written) data, over all files.
     max_dirty: int = DEFAULT_MAX_DIRTY
     #: How many buffers one file may be filling at once.
-    buffers_per_file: int = DEFAULT_BUFFERS_PER_FILE
+    buffers_per_file: int | None = None
     #: Seconds after which a partly filled buffer is written anyway.
     flush_delay: float = DEFAULT_FLUSH_DELAY
     #: Direct-I/O alignment; None means detect it from BACKING.
@@ -56,6 +60,15 @@ class MountConfig:
     #: Test-only: append "name offset length" for every backing write to this file.
     trace_file: Path | None = None
 
+    @property
+    def effective_buffers_per_file(self) -> int:
+        """--buffers-per-file, or by default enough buffers to span 32 MiB of a
+        file (at least 4), but no more than half the pool."""
+        if self.buffers_per_file is not None:
+            return self.buffers_per_file
+        wanted = max(MIN_BUFFERS_PER_FILE, DEFAULT_SPAN_PER_FILE // self.buffer_size)
+        return max(1, min(wanted, self.max_dirty // self.buffer_size // 2))
+
     def validate(self) -> None:
         """Raise ConfigError for settings that cannot work together."""
         if self.buffer_size < 4096 or self.buffer_size & (self.buffer_size - 1):
@@ -65,7 +78,7 @@ class MountConfig:
             )
         if self.buffer_size > 256 * MiB:
             raise ConfigError("--buffer-size must not exceed 256M")
-        if self.buffers_per_file < 1:
+        if self.buffers_per_file is not None and self.buffers_per_file < 1:
             raise ConfigError("--buffers-per-file must be at least 1")
         if self.max_dirty < 2 * self.buffer_size:
             raise ConfigError(

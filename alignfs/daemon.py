@@ -67,6 +67,7 @@ class Daemon:
         out.update(pid=os.getpid(), mountpoint=str(self.config.mountpoint),
                    backing=str(self.config.backing), buffer_size=self.config.buffer_size,
                    max_dirty=self.config.max_dirty, align=self.align,
+                   buffers_per_file=self.config.effective_buffers_per_file,
                    open_files=len(self.cache.files) if self.cache else 0)
         return out
 
@@ -166,7 +167,8 @@ class Daemon:
         try:
             async with WriteCache.running(
                     io, self.stats, buffer_size=cfg.buffer_size, max_dirty=cfg.max_dirty,
-                    buffers_per_file=cfg.buffers_per_file, flush_delay=cfg.flush_delay,
+                    buffers_per_file=cfg.effective_buffers_per_file,
+                    flush_delay=cfg.flush_delay,
                     align=self.align, sync_fd=sync_fd, readahead_window=cfg.readahead,
                     readahead_memory=cfg.readahead_memory) as cache:
                 self.cache = cache

@@ -425,16 +425,17 @@ class WriteCache:
         merges COW with data and rewrites clusters it just allocated; with the
         buffer written at once, every such rewrite became another small backing
         write). So the least recently written buffer that the writers have
-        passed (see ``_passed``) goes first; else the emptiest (a
-        straggler patching an old window, not the stream's frontier), least
-        recently written on ties. Judging by "passed" rather than "full" keeps
-        one split window from splitting every later one.
+        passed (see ``_passed``) goes first; else the lowest window (the one
+        furthest behind the stream's frontier, or a straggler patching an old
+        window; never the frontier the writers are filling out of order).
+        Judging by "passed" rather than "full" keeps one split window from
+        splitting every later one.
         """
         done = next((b for b in cf.filling.values() if self._passed(b)), None)
         if done is not None:
             self.seal(done, "full" if done.filled == self.buffer_size else "moved_on")
         else:
-            self.seal(min(cf.filling.values(), key=lambda b: b.filled), "moved_on")
+            self.seal(min(cf.filling.values(), key=lambda b: b.window), "moved_on")
 
     def _passed(self, buf: Buffer) -> bool:
         """The writers are done with this buffer's window: it is covered from its
