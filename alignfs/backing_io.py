@@ -163,7 +163,10 @@ def detect_alignment(backing_dir: str | Path) -> int:
                     return align
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
-                        raise
+                        # Cannot tell (e.g. BACKING is full): assume the minimum.
+                        log.warning("direct-I/O probe in %s failed (%s); assuming "
+                                    "%d-byte alignment", backing_dir, exc.strerror, MIN_ALIGN)
+                        return MIN_ALIGN
                 finally:
                     mem.close()
                 align *= 2

@@ -340,6 +340,14 @@ def _is_alignfs(mountpoint: Path) -> bool:
     return fuse_mount_type(os.path.realpath(mountpoint)) == "fuse.alignfs"
 
 
+def _refuse_stale(mountpoint: Path) -> int | None:
+    if is_stale(str(mountpoint)):
+        print(f"alignfs: {mountpoint} is a stale mount (its daemon died); remove it with "
+              f"'alignfs umount {mountpoint}'", file=sys.stderr)
+        return ExitCode.BAD_MOUNTPOINT
+    return None
+
+
 def cmd_umount(ns: argparse.Namespace) -> int:
     mp = Path(os.path.abspath(ns.mountpoint))
     if is_stale(str(mp)):
@@ -438,6 +446,9 @@ def render_stats(stats: dict[str, Any]) -> str:
 
 def cmd_stats(ns: argparse.Namespace) -> int:
     mp = Path(os.path.abspath(ns.mountpoint))
+    stale = _refuse_stale(mp)
+    if stale is not None:
+        return stale
     if not _is_alignfs(mp):
         print(f"alignfs: {mp} is not an alignfs mount", file=sys.stderr)
         return ExitCode.NOT_ALIGNFS
@@ -462,6 +473,9 @@ def cmd_stats(ns: argparse.Namespace) -> int:
 
 def cmd_flush(ns: argparse.Namespace) -> int:
     mp = Path(os.path.abspath(ns.mountpoint))
+    stale = _refuse_stale(mp)
+    if stale is not None:
+        return stale
     if not _is_alignfs(mp):
         print(f"alignfs: {mp} is not an alignfs mount", file=sys.stderr)
         return ExitCode.NOT_ALIGNFS

@@ -48,6 +48,17 @@ class DaemonError(Exception):
         self.code = code
 
 
+def _first(group: BaseExceptionGroup, kind: type[DaemonError]) -> DaemonError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first(exc, kind)
+            if found is not None:
+                return found
+    return None
+
+
 class Daemon:
     def __init__(self, config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
         self.config = config
@@ -157,7 +168,14 @@ class Daemon:
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         os.umask(0)  # the kernel already applied the caller's umask
-        return trio.run(self._main, root_fd)
+        try:
+            return trio.run(self._main, root_fd)
+        except BaseExceptionGroup as group:
+            # Raised inside the cache's nursery, a DaemonError arrives wrapped.
+            found = _first(group, DaemonError)
+            if found is not None:
+                raise found from None
+            raise
 
     async def _main(self, root_fd: int) -> ExitCode:
         cfg = self.config

@@ -38,8 +38,10 @@ def fuse_mount_type(path: str) -> str | None:
 
 def is_stale(path: str) -> bool:
     """True if *path* is a FUSE mount whose daemon is gone."""
+    # statvfs, not stat: the kernel answers stat of the mount root from its
+    # attribute cache for a while after the daemon died.
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

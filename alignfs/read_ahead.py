@@ -120,6 +120,8 @@ class ReadAhead:
         self.files: dict[Key, FileReadAhead] = {}
         self._lru: OrderedDict[Segment, FileReadAhead] = OrderedDict()
         self._bytes = 0
+        #: Bytes of fetches under way; they count against the budget too.
+        self._inflight = 0
 
     @property
     def enabled(self) -> bool:
@@ -235,10 +237,10 @@ class ReadAhead:
             if sequential:
                 self._maybe_prefetch(ra, seq, off + size)
             return data
-        if not sequential:
-            return await fallback(off, size)
         start = off - off % self.align
         length = max(seq.window, -(-(off + size - start) // self.align) * self.align)
+        if not sequential or self._inflight + length > self.budget:
+            return await fallback(off, size)
         data = await self._fetch(ra, start, length)
         seq.window = min(self.max_window, seq.window * 2)
         self._maybe_prefetch(ra, seq, off + size)
@@ -264,7 +266,10 @@ class ReadAhead:
             return
         if end - pos > seq.window // 2 or end % self.align:
             return
-        seq.window = min(self.max_window, seq.window * 2)
+        window = min(self.max_window, seq.window * 2)
+        if self._inflight + window > self.budget // 2:
+            return  # many readers at once: no more than half the budget in flight
+        seq.window = window
         fetch = Fetch(end, seq.window, ra.gen)
         ra.fetches[end] = fetch  # registered now, so readers can join it at once
         self.nursery.start_soon(self._background_fetch, ra, fetch)
@@ -282,12 +287,14 @@ class ReadAhead:
         return await self._run_fetch(ra, fetch)
 
     async def _run_fetch(self, ra: FileReadAhead, fetch: Fetch) -> bytes:
+        self._inflight += fetch.length
         try:
             fetch.data = await self.io.data(self._read_aligned, ra, fetch.start, fetch.length)
         except OSError as exc:
             fetch.error = exc
             raise
         finally:
+            self._inflight -= fetch.length
             if ra.fetches.get(fetch.start) is fetch:
                 del ra.fetches[fetch.start]
             fetch.done.set()
@@ -325,7 +332,7 @@ class ReadAhead:
         ra.segments = keep
         self._lru[seg] = ra
         self._bytes += len(seg.data)
-        while self._bytes > self.budget and self._lru:
+        while self._bytes + self._inflight > self.budget and self._lru:
             victim, owner = next(iter(self._lru.items()))
             self._forget(victim)
             owner.segments.remove(victim)

@@ -409,7 +409,14 @@ class WriteCache:
             if self.filling and not self._memory_coming_back():
                 # Only filling buffers hold memory: give one up (a passed one first).
                 done = next((b for b in self.filling if self._passed(b)), None)
-                self.seal(done or next(iter(self.filling)), "pressure")
+                victim = done or next(iter(self.filling))
+                self.seal(victim, "pressure", kick=False)
+                self.kick(victim.file, force=True)
+            if not self._memory_coming_back():
+                # All memory is held by write-outs that keep failing (a full
+                # disk): waiting could last forever, so fail like they do.
+                failing = next((c.error for c in self.files.values() if c.error), None)
+                raise failing or OSError(errno.ENOMEM, "no buffer memory")
             if waited_since is None:
                 waited_since = trio.current_time()
             await self.pool.wait_for_free()
@@ -463,9 +470,11 @@ class WriteCache:
         """Buffers held by files whose write-out is failing.
 
         They may be held for long (a full disk), so the pool may grow by as
-        many: other files keep working while one cannot be written.
+        many, so that other files keep working while one cannot be written;
+        never by more than the pool itself (memory stays within 2x --max-dirty).
         """
-        return sum(len(cf.queue) for cf in self.files.values() if cf.error is not None)
+        stuck = sum(len(cf.queue) for cf in self.files.values() if cf.error is not None)
+        return min(stuck, self.pool.max_buffers)
 
     def seal(self, buf: Buffer, cause: str, kick: bool = True) -> None:
         """Stop filling *buf* and queue it for write-out."""
