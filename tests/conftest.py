@@ -10,6 +10,7 @@ leaves a mount behind. The daemon's log is attached to failing tests.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -136,3 +137,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def read_direct(path: Path) -> bytes:
+    """The backing file as the disk holds it (O_DIRECT: no page cache involved)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        size = os.fstat(fd).st_size
+        mem = mmap.mmap(-1, max(4096, -(-size // 4096) * 4096))
+        try:
+            view = memoryview(mem)
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], done)
+                if n == 0:
+                    break
+                done += n
+            out = bytes(view[:size])
+            view.release()
+            return out
+        finally:
+            mem.close()
+    finally:
+        os.close(fd)

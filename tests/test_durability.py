@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import random
 import signal
@@ -16,32 +15,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import is_mounted, run_alignfs, wait_until
+from conftest import is_mounted, read_direct, run_alignfs, wait_until
 
 MiB = 1 << 20
 STATUS_DIR = Path("/run/alignfs")
-
-
-def read_direct(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        size = os.fstat(fd).st_size
-        mem = mmap.mmap(-1, max(4096, -(-size // 4096) * 4096))
-        try:
-            view = memoryview(mem)
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], done)
-                if n == 0:
-                    break
-                done += n
-            out = bytes(view[:size])
-            view.release()
-            return out
-        finally:
-            mem.close()
-    finally:
-        os.close(fd)
 
 
 _fault_mtime = [2_000_000_000 * 10**9]

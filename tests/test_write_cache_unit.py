@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from conftest import read_direct
 
 from alignfs.backing_io import BackingIO
 from alignfs.ranges import RangeSet
@@ -100,29 +101,6 @@ async def running_cache(io: BackingIO, stats: Stats | None = None, **kwargs):
 
 async def attach(cache: WriteCache, path: Path):
     return await cache.attach(key_of(path), reopener(path), path.name)
-
-
-def read_direct(path: Path) -> bytes:
-    """The backing file as the disk holds it (O_DIRECT: no page cache involved)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        size = os.fstat(fd).st_size
-        mem = mmap.mmap(-1, max(ALIGN, -(-size // ALIGN) * ALIGN))
-        try:
-            view = memoryview(mem)
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], done)
-                if n == 0:
-                    break
-                done += n
-            out = bytes(view[:size])
-            view.release()
-            return out
-        finally:
-            mem.close()
-    finally:
-        os.close(fd)
 
 
 def model_write(model: bytearray, off: int, data: bytes) -> None:
