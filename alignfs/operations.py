@@ -619,7 +619,7 @@ class Operations(pyfuse3.Operations):
             if handle.cached is not None:
                 self.cache.detach(handle.cached)
             if handle.ra is not None and self.cache.readahead is not None:
-                self.cache.readahead.detach(handle.ra)
+                self.cache.readahead.detach(handle.ra, handle.seq)
         os.close(handle.fd)
 
     # -- extended attributes ---------------------------------------------------

@@ -16,8 +16,14 @@ segment of that file is dropped and the file's generation bumped; a fetch
 started under an older generation is neither installed nor joined by later
 readers, so nothing stale is ever served.
 
-Memory is bounded by ``budget`` bytes over all files (least recently used
-segments are dropped first).
+Memory is bounded by ``budget`` bytes over all files, segments plus reads in
+flight. Segments live in anonymous mmaps filled by the O_DIRECT read itself
+(no copy) and unmapped when dropped, so the bound is what the process holds.
+The budget is shared fairly: each stream that read recently gets at most
+``budget / active streams``, half of it for the window being consumed and half
+for the one fetched ahead, so many readers at once get smaller windows instead
+of evicting each other's unread data. When something must go, segments read
+through are dropped before unread ones, least recently used first.
 """
 
 from __future__ import annotations
@@ -44,19 +50,48 @@ MIN_WINDOW = 256 << 10
 SEQUENTIAL_AFTER = 2
 
 
-class Segment:
-    __slots__ = ("start", "data", "served", "eof")
+#: A stream that has not read for this long no longer takes a share of the budget.
+STREAM_IDLE = 1.0
 
-    def __init__(self, start: int, data: bytes, eof: bool) -> None:
+
+class Segment:
+    """Backing-file bytes [start, start+length) in an anonymous mmap."""
+
+    __slots__ = ("start", "mem", "length", "lo", "hi", "eof")
+
+    def __init__(self, start: int, mem: mmap.mmap, length: int, eof: bool) -> None:
         self.start = start
-        self.data = data
-        self.served = 0
+        self.mem = mem
+        self.length = length
+        #: The span readers have been served from, [lo, hi) (empty: lo > hi).
+        self.lo = start + length
+        self.hi = start
         #: The read came back short: the backing file ends in this segment.
         self.eof = eof
 
     @property
     def end(self) -> int:
-        return self.start + len(self.data)
+        return self.start + self.length
+
+    @property
+    def read_through(self) -> bool:
+        """A reader got to the end: a sequential stream has no more use for it."""
+        return self.hi >= self.end
+
+    @property
+    def unused(self) -> int:
+        """Bytes read from the disk that no reader was served."""
+        return self.length - max(0, self.hi - self.lo)
+
+    def take(self, pos: int, end: int) -> bytes:
+        """Copy of [pos, min(end, self.end)), counted as served."""
+        end = min(end, self.end)
+        self.lo = min(self.lo, pos)
+        self.hi = max(self.hi, end)
+        return self.mem[pos - self.start:end - self.start]
+
+    def close(self) -> None:
+        self.mem.close()
 
 
 @dataclass
@@ -65,7 +100,6 @@ class Fetch:
     length: int
     gen: int
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
     error: OSError | None = None
 
 
@@ -76,13 +110,15 @@ class Fetch:
 NEAR = 128 << 10
 
 
-@dataclass
+@dataclass(eq=False)
 class SequentialState:
-    """Per-handle stream detection."""
+    """Per-handle stream detection (hashed by identity: one per handle)."""
 
     next_off: int = -(1 << 62)
     run: int = 0
     window: int = MIN_WINDOW
+    #: trio time of the stream's last sequential read (for the fair share).
+    last_read: float = 0.0
 
     def note(self, off: int, size: int) -> bool:
         """Record a client read; True if the handle reads (nearly) sequentially."""
@@ -122,10 +158,17 @@ class ReadAhead:
         self._bytes = 0
         #: Bytes of fetches under way; they count against the budget too.
         self._inflight = 0
+        #: Sequential streams, oldest read first; idle ones are pruned lazily.
+        self._streams: OrderedDict[SequentialState, None] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
         return self.budget > 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory in use now: segments plus fetches in flight."""
+        return self._bytes + self._inflight
 
     # -- files -------------------------------------------------------------------
 
@@ -151,7 +194,9 @@ class ReadAhead:
                 raise
             return reopen(os.O_RDONLY | os.O_CLOEXEC), False
 
-    def detach(self, ra: FileReadAhead) -> None:
+    def detach(self, ra: FileReadAhead, seq: SequentialState | None = None) -> None:
+        if seq is not None:
+            self._streams.pop(seq, None)
         ra.handles -= 1
         if ra.handles == 0:
             self._drop_segments(ra)
@@ -183,8 +228,36 @@ class ReadAhead:
 
     def _forget(self, seg: Segment) -> None:
         if self._lru.pop(seg, None) is not None:
-            self._bytes -= len(seg.data)
-            self.stats.readahead_wasted_bytes += max(0, len(seg.data) - seg.served)
+            self._bytes -= seg.length
+            self.stats.readahead_wasted_bytes += seg.unused
+            seg.close()
+
+    def _room(self) -> int:
+        """Bytes a new fetch may take without pushing out data nobody has read yet.
+
+        Segments still being read count whole: only read-through ones may be
+        dropped to make room, so admitting no more than this never evicts
+        unread bytes.
+        """
+        in_use = sum(s.length for s in self._lru if not s.read_through)
+        return self.budget - self._inflight - in_use
+
+    # -- fair share --------------------------------------------------------------
+
+    def _window_cap(self, seq: SequentialState) -> int:
+        """Largest window *seq* may use: half its share of the budget, aligned."""
+        now = trio.current_time()
+        seq.last_read = now
+        self._streams[seq] = None
+        self._streams.move_to_end(seq)
+        while True:  # oldest first: stop at the first stream still active
+            oldest = next(iter(self._streams))
+            if now - oldest.last_read <= STREAM_IDLE:
+                break
+            del self._streams[oldest]
+        share = self.budget // len(self._streams)
+        cap = min(self.max_window, share // 2)
+        return max(self.align, cap - cap % self.align)
 
     # -- reading -----------------------------------------------------------------
 
@@ -193,34 +266,29 @@ class ReadAhead:
 
         Only segments and fetches of the current generation are used, each
         looked up when reached, so nothing older than the caller's own overlay
-        snapshot is returned.
+        snapshot is returned. After waiting for a fetch the segments are looked
+        at again: the fetch installed its bytes there (or, if the file changed
+        meanwhile, did not, and this is a miss).
         """
         out = bytearray()
         pos, end = off, off + size
+        waited: set[int] = set()
         while pos < end:
             seg = next((g for g in ra.segments if g.start <= pos < g.end), None)
             if seg is not None:
-                take = min(end, seg.end) - pos
-                out += seg.data[pos - seg.start:pos - seg.start + take]
-                seg.served += take
+                out += seg.take(pos, end)
                 self._lru.move_to_end(seg)
-                pos += take
+                pos = min(end, seg.end)
                 continue
             if any(g.eof and g.end == pos for g in ra.segments):
                 break  # end of file
             fetch = self._in_flight(ra, pos, pos + 1)
-            if fetch is None:
+            if fetch is None or id(fetch) in waited:
                 return None
+            waited.add(id(fetch))
             await fetch.done.wait()
             if fetch.error is not None:
                 raise fetch.error
-            assert fetch.data is not None
-            chunk = fetch.data[pos - fetch.start:end - fetch.start]
-            out += chunk
-            pos += len(chunk)
-            if fetch.start + len(fetch.data) < fetch.start + fetch.length and \
-                    pos >= fetch.start + len(fetch.data):
-                break  # the fetch came back short: end of file
         return bytes(out)
 
     async def read(self, ra: FileReadAhead, seq: SequentialState, sequential: bool,
@@ -231,21 +299,28 @@ class ReadAhead:
         *sequential* comes from ``seq.note()`` for the client's read;
         *fallback(off, size)* is the plain read used for random reads.
         """
+        cap = self._window_cap(seq) if sequential else self.max_window
         data = await self._gather(ra, off, size)
         if data is not None:
             self.stats.readahead_hits += 1
             if sequential:
-                self._maybe_prefetch(ra, seq, off + size)
+                self._maybe_prefetch(ra, seq, off + size, cap)
             return data
         start = off - off % self.align
-        length = max(seq.window, -(-(off + size - start) // self.align) * self.align)
-        if not sequential or self._inflight + length > self.budget:
+        needed = -(-(off + size - start) // self.align) * self.align
+        length = max(min(seq.window, cap, self._room()), needed)
+        length -= length % self.align
+        if not sequential or length > self._room():
             return await fallback(off, size)
-        data = await self._fetch(ra, start, length)
-        seq.window = min(self.max_window, seq.window * 2)
-        self._maybe_prefetch(ra, seq, off + size)
+        seg = await self._run_fetch(ra, self._register(ra, start, length))
+        # No checkpoint since the fetch finished: the segment is still mapped.
         rel = off - start
-        return data[rel:rel + size]
+        data = seg.take(off, off + size) if rel < seg.length else b""
+        if seg not in self._lru:
+            seg.close()  # the file changed meanwhile: this reader's bytes only
+        seq.window = min(cap, seq.window * 2)
+        self._maybe_prefetch(ra, seq, off + size, cap)
+        return data
 
     @staticmethod
     def _in_flight(ra: FileReadAhead, start: int, end: int) -> Fetch | None:
@@ -254,7 +329,8 @@ class ReadAhead:
                 return f
         return None
 
-    def _maybe_prefetch(self, ra: FileReadAhead, seq: SequentialState, pos: int) -> None:
+    def _maybe_prefetch(self, ra: FileReadAhead, seq: SequentialState, pos: int,
+                        cap: int) -> None:
         """Fetch the next window once the reader is half way through what is ahead."""
         end = pos
         for seg in ra.segments:  # ordered by start
@@ -266,58 +342,63 @@ class ReadAhead:
             return
         if end - pos > seq.window // 2 or end % self.align:
             return
-        window = min(self.max_window, seq.window * 2)
-        if self._inflight + window > self.budget // 2:
-            return  # many readers at once: no more than half the budget in flight
+        window = min(cap, seq.window * 2, self._room())
+        window -= window % self.align
+        if window < min(seq.window, MIN_WINDOW):
+            return  # no room: the reader catches up with a plain or small read
         seq.window = window
-        fetch = Fetch(end, seq.window, ra.gen)
-        ra.fetches[end] = fetch  # registered now, so readers can join it at once
-        self.nursery.start_soon(self._background_fetch, ra, fetch)
+        # Registered now, so readers can join it and others' room shrinks at once.
+        self.nursery.start_soon(self._background_fetch, ra, self._register(ra, end, window))
+
+    def _register(self, ra: FileReadAhead, start: int, length: int) -> Fetch:
+        """A fetch about to run: visible to readers, counted against the budget."""
+        fetch = Fetch(start, length, ra.gen)
+        ra.fetches[start] = fetch
+        self._inflight += length
+        self._shrink()
+        return fetch
 
     async def _background_fetch(self, ra: FileReadAhead, fetch: Fetch) -> None:
         try:
-            await self._run_fetch(ra, fetch)
+            seg = await self._run_fetch(ra, fetch)
         except OSError:
-            pass  # the reader that needs these bytes sees the error itself
+            return  # the reader that needs these bytes sees the error itself
+        if seg not in self._lru:
+            seg.close()  # stale or empty: nobody will read it
 
-    async def _fetch(self, ra: FileReadAhead, start: int, length: int) -> bytes:
-        """Read [start, start+length) with one aligned read; install it as a segment."""
-        fetch = Fetch(start, length, ra.gen)
-        ra.fetches[start] = fetch
-        return await self._run_fetch(ra, fetch)
+    async def _run_fetch(self, ra: FileReadAhead, fetch: Fetch) -> Segment:
+        """One aligned read of the fetch's range; installed as a segment unless stale.
 
-    async def _run_fetch(self, ra: FileReadAhead, fetch: Fetch) -> bytes:
-        self._inflight += fetch.length
+        Returns the segment, installed or not; the caller closes one that is not.
+        """
+        mem = mmap.mmap(-1, fetch.length)
         try:
-            fetch.data = await self.io.data(self._read_aligned, ra, fetch.start, fetch.length)
-        except OSError as exc:
-            fetch.error = exc
+            n = await self.io.data(self._read_aligned, ra, mem, fetch.start)
+        except BaseException as exc:
+            mem.close()
+            if isinstance(exc, OSError):
+                fetch.error = exc
             raise
         finally:
             self._inflight -= fetch.length
             if ra.fetches.get(fetch.start) is fetch:
                 del ra.fetches[fetch.start]
             fetch.done.set()
-        data = fetch.data
         self.stats.backing_reads += 1
-        self.stats.backing_read_bytes += len(data)
-        self.stats.readahead_bytes += len(data)
-        if fetch.gen == ra.gen and data and self.files.get(ra.key) is ra:
-            self._install(ra, Segment(fetch.start, data, len(data) < fetch.length))
-        return data
+        self.stats.backing_read_bytes += n
+        self.stats.readahead_bytes += n
+        seg = Segment(fetch.start, mem, n, n < fetch.length)
+        if fetch.gen == ra.gen and n and self.files.get(ra.key) is ra:
+            self._install(ra, seg)
+        return seg
 
-    def _read_aligned(self, ra: FileReadAhead, start: int, length: int) -> bytes:
-        """Worker thread: one large (O_DIRECT) read into aligned memory."""
-        if not ra.direct:
-            return self.io.pread(ra.fd, length, start, ra.name)
-        mem = mmap.mmap(-1, length)
+    def _read_aligned(self, ra: FileReadAhead, mem: mmap.mmap, start: int) -> int:
+        """Worker thread: one large read straight into the segment's memory."""
         view = memoryview(mem)
         try:
-            n = self.io.pread_into(ra.fd, view, start, ra.name)
-            return bytes(view[:n])
+            return self.io.pread_into(ra.fd, view, start, ra.name)
         finally:
             view.release()
-            mem.close()
 
     def _install(self, ra: FileReadAhead, seg: Segment) -> None:
         # Replace segments the new one overlaps; keep the list ordered.
@@ -331,8 +412,20 @@ class ReadAhead:
         keep.sort(key=lambda s: s.start)
         ra.segments = keep
         self._lru[seg] = ra
-        self._bytes += len(seg.data)
-        while self._bytes + self._inflight > self.budget and self._lru:
-            victim, owner = next(iter(self._lru.items()))
+        self._bytes += seg.length
+        self._shrink(keep=seg)
+
+    def _shrink(self, keep: Segment | None = None) -> None:
+        """Drop segments until the budget holds: read-through ones first, LRU order.
+
+        Admission (``_room``) makes dropping unread ones a last resort; *keep*,
+        the segment just read, is never dropped: its reader is about to use it.
+        """
+        while self.held_bytes > self.budget:
+            victim = next((s for s in self._lru if s.read_through), None) \
+                or next(iter(self._lru), None)
+            if victim is None or victim is keep:
+                break
+            owner = self._lru[victim]
             self._forget(victim)
             owner.segments.remove(victim)

@@ -885,8 +885,6 @@ def test_memory_bound_with_64_concurrent_writers(mount_alignfs: Callable[..., Mo
         assert (m.backing / f"f{i:03d}").read_bytes() == file_content(i, size), f"f{i:03d}"
 
 
-@pytest.mark.xfail(strict=True, reason="known: 16 concurrent sequential readers thrash "
-                   "read-ahead (segments evicted before use; RSS over the bound)")
 def test_memory_bound_with_16_sequential_readers(mount_alignfs: Callable[..., Mount]) -> None:
     """16 sequential readers at once under --readahead-memory 16M.
 
