@@ -6,7 +6,8 @@ is its own disk request. A handle whose reads follow each other gets
 read-ahead: large aligned O_DIRECT reads into memory *segments*, a window that
 doubles while the stream stays sequential (like the kernel's read-ahead), the
 next window fetched in the background while the reader consumes the current
-one. Random readers get none of it: their reads go straight to the backing
+one (two windows per stream at most: the one being read and the next).
+Random readers get none of it: their reads go straight to the backing
 file, so they pay no amplification.
 
 Coherence with the write cache: segments hold backing-file bytes only; the
@@ -57,17 +58,15 @@ STREAM_IDLE = 1.0
 class Segment:
     """Backing-file bytes [start, start+length) in an anonymous mmap."""
 
-    __slots__ = ("start", "mem", "length", "lo", "hi", "eof")
+    __slots__ = ("start", "mem", "length", "lo", "hi")
 
-    def __init__(self, start: int, mem: mmap.mmap, length: int, eof: bool) -> None:
+    def __init__(self, start: int, mem: mmap.mmap, length: int) -> None:
         self.start = start
         self.mem = mem
         self.length = length
         #: The span readers have been served from, [lo, hi) (empty: lo > hi).
         self.lo = start + length
         self.hi = start
-        #: The read came back short: the backing file ends in this segment.
-        self.eof = eof
 
     @property
     def end(self) -> int:
@@ -142,6 +141,11 @@ class FileReadAhead:
         self.segments: list[Segment] = []
         self.fetches: dict[int, Fetch] = {}
         self.handles = 0
+        #: Where the backing file ends, once a fetch of this generation came back short.
+        self.eof: int | None = None
+
+    def past_eof(self, pos: int) -> bool:
+        return self.eof is not None and pos >= self.eof
 
 
 class ReadAhead:
@@ -219,6 +223,7 @@ class ReadAhead:
         ra = self.files.get(key)
         if ra is not None:
             ra.gen += 1
+            ra.eof = None
             self._drop_segments(ra)
 
     def _drop_segments(self, ra: FileReadAhead) -> None:
@@ -280,8 +285,8 @@ class ReadAhead:
                 self._lru.move_to_end(seg)
                 pos = min(end, seg.end)
                 continue
-            if any(g.eof and g.end == pos for g in ra.segments):
-                break  # end of file
+            if ra.past_eof(pos):
+                break
             fetch = self._in_flight(ra, pos, pos + 1)
             if fetch is None or id(fetch) in waited:
                 return None
@@ -306,21 +311,68 @@ class ReadAhead:
             if sequential:
                 self._maybe_prefetch(ra, seq, off + size, cap)
             return data
-        start = off - off % self.align
-        needed = -(-(off + size - start) // self.align) * self.align
-        length = max(min(seq.window, cap, self._room()), needed)
-        length -= length % self.align
-        if not sequential or length > self._room():
+        gap = self._first_gap(ra, off, off + size) if sequential else None
+        if gap is None:
             return await fallback(off, size)
+        # Fetch from the first byte nothing covers or brings yet: with many reads
+        # in flight (qemu-img bench, QEMU's queue), their fetches tile the file
+        # instead of overlapping.
+        start, limit = self._hole(ra, gap)
+        needed = -(-(off + size - start) // self.align) * self.align
+        room = self._room()
+        length = max(min(seq.window, cap, room, limit - start), needed)
+        length -= length % self.align
+        if length > room:
+            return await fallback(off, size)
+        seq.window = min(cap, seq.window * 2)  # now, so reads arriving meanwhile see it
         seg = await self._run_fetch(ra, self._register(ra, start, length))
-        # No checkpoint since the fetch finished: the segment is still mapped.
-        rel = off - start
-        data = seg.take(off, off + size) if rel < seg.length else b""
         if seg not in self._lru:
-            seg.close()  # the file changed meanwhile: this reader's bytes only
-        seq.window = min(cap, seq.window * 2)
+            seg.close()  # the file changed meanwhile (or nothing was read)
+        data = await self._gather(ra, off, size)
+        if data is None:  # changed or dropped while other bytes were awaited
+            return await fallback(off, size)
         self._maybe_prefetch(ra, seq, off + size, cap)
         return data
+
+    def _hole(self, ra: FileReadAhead, gap: int) -> tuple[int, int]:
+        """Where a fetch for the uncovered byte *gap* starts, and where the next
+        covered range (a segment or a fetch) begins.
+
+        A fetch starts at the end of the covered range just before *gap* when
+        that is near (the bytes between belong to a read still on its way), so
+        no sliver is left for a later read to fetch a whole window for.
+        """
+        start = gap - gap % self.align
+        limit = 1 << 62
+        for lo, hi in self._covered(ra):
+            if hi <= gap and gap - hi <= NEAR:
+                start = min(start, hi)
+            elif lo > gap:
+                limit = min(limit, lo)
+        return start, limit
+
+    @staticmethod
+    def _covered(ra: FileReadAhead) -> list[tuple[int, int]]:
+        """Ranges of the current generation held in segments or being fetched."""
+        out = [(g.start, g.end) for g in ra.segments]
+        out += [(f.start, f.start + f.length) for f in ra.fetches.values() if f.gen == ra.gen]
+        return out
+
+    def _first_gap(self, ra: FileReadAhead, off: int, end: int) -> int | None:
+        """First position in [off, end) no segment holds and no fetch brings, or None."""
+        pos = off
+        while pos < end:
+            seg = next((g for g in ra.segments if g.start <= pos < g.end), None)
+            if seg is not None:
+                pos = seg.end
+                continue
+            if ra.past_eof(pos):
+                return None
+            fetch = self._in_flight(ra, pos, pos + 1)
+            if fetch is None:
+                return pos
+            pos = fetch.start + fetch.length
+        return None
 
     @staticmethod
     def _in_flight(ra: FileReadAhead, start: int, end: int) -> Fetch | None:
@@ -331,16 +383,19 @@ class ReadAhead:
 
     def _maybe_prefetch(self, ra: FileReadAhead, seq: SequentialState, pos: int,
                         cap: int) -> None:
-        """Fetch the next window once the reader is half way through what is ahead."""
+        """Fetch the next window once the reader has entered the last one ahead.
+
+        So one window is always on its way while the reader consumes the one
+        before (the kernel's async read-ahead marker): a reader faster than the
+        disk finds the disk busy the whole time, not idle between windows.
+        """
         end = pos
         for seg in ra.segments:  # ordered by start
-            if seg.start <= end < seg.end or (seg.eof and seg.start <= end <= seg.end):
-                if seg.eof:
-                    return  # the file ends here: nothing more to fetch
+            if seg.start <= end < seg.end:
                 end = seg.end
-        if self._in_flight(ra, end, end + 1) is not None:
+        if ra.past_eof(end) or self._in_flight(ra, end, end + 1) is not None:
             return
-        if end - pos > seq.window // 2 or end % self.align:
+        if end - pos > seq.window or end % self.align:
             return
         window = min(cap, seq.window * 2, self._room())
         window -= window % self.align
@@ -387,9 +442,13 @@ class ReadAhead:
         self.stats.backing_reads += 1
         self.stats.backing_read_bytes += n
         self.stats.readahead_bytes += n
-        seg = Segment(fetch.start, mem, n, n < fetch.length)
-        if fetch.gen == ra.gen and n and self.files.get(ra.key) is ra:
-            self._install(ra, seg)
+        seg = Segment(fetch.start, mem, n)
+        if fetch.gen == ra.gen and self.files.get(ra.key) is ra:
+            if n < fetch.length:  # a short read: the file ends here
+                end = fetch.start + n
+                ra.eof = end if ra.eof is None else min(ra.eof, end)
+            if n:
+                self._install(ra, seg)
         return seg
 
     def _read_aligned(self, ra: FileReadAhead, mem: mmap.mmap, start: int) -> int:
@@ -401,13 +460,14 @@ class ReadAhead:
             view.release()
 
     def _install(self, ra: FileReadAhead, seg: Segment) -> None:
-        # Replace segments the new one overlaps; keep the list ordered.
+        # Drop segments the new one holds entirely; partial overlaps (same bytes,
+        # same generation) stay, as readers may be in them. Keep the list ordered.
         keep = []
         for old in ra.segments:
-            if old.end <= seg.start or old.start >= seg.end:
-                keep.append(old)
-            else:
+            if seg.start <= old.start and old.end <= seg.end:
                 self._forget(old)
+            else:
+                keep.append(old)
         keep.append(seg)
         keep.sort(key=lambda s: s.start)
         ra.segments = keep

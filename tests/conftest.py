@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import trio
+
+from alignfs.backing_io import BackingIO
 
 ROOT = Path(__file__).resolve().parent.parent
 ALIGNFS = [sys.executable, "-m", "alignfs"]
@@ -137,6 +140,85 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+class InlineIO(BackingIO):
+    """Backing syscalls run on the trio thread (no thread hops): exact virtual time.
+
+    For in-process tests under ``autojump_clock``: with real worker threads the
+    mock clock jumps whenever the trio thread idles while a worker runs.
+    """
+
+    async def meta(self, fn, *args):
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    async def data(self, fn, *args):
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+
+# -- fault injection (--fault-file) ---------------------------------------------------
+
+_fault_mtime = [2_000_000_000 * 10**9]
+
+
+def set_faults(path: Path, rules: dict[str, str] | None) -> None:
+    """Install (or clear) fault-injection *rules*, e.g. ``{"write": "EIO", "match": "x"}``.
+
+    The file is replaced atomically and given an mtime never used before: the
+    injector reloads on an mtime change, and two quick rewrites could
+    otherwise share a coarse timestamp.
+    """
+    _fault_mtime[0] += 10**9
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rules) if rules else "")
+    os.utime(tmp, ns=(_fault_mtime[0], _fault_mtime[0]))
+    os.replace(tmp, path)
+
+
+# -- the daemon process ---------------------------------------------------------------
+
+#: Where a detached daemon leaves its exit code for ``alignfs umount``.
+STATUS_DIR = Path("/run/alignfs")
+
+
+def pid_gone(pid: int) -> bool:
+    """The process has exited (gone, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM, ...), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def daemon_exit_status(pid: int) -> int | None:
+    """The exit code the daemon left for ``alignfs umount`` (consumed here)."""
+    path = STATUS_DIR / f"{pid}.exit"
+    try:
+        code = int(path.read_text())
+    except (OSError, ValueError):
+        return None
+    path.unlink()
+    return code
+
+
+def errno_of(fn: Callable[[], object]) -> int | None:
+    """The errno *fn* fails with, or None if it succeeds."""
+    try:
+        fn()
+    except OSError as exc:
+        return exc.errno
+    return None
 
 
 def read_direct(path: Path) -> bytes:
