@@ -348,6 +348,16 @@ def _refuse_stale(mountpoint: Path) -> int | None:
     return None
 
 
+def _live_mount(mountpoint: str) -> tuple[Path, int | None]:
+    """The absolute mount point, and an exit code if it is not a live alignfs mount."""
+    mp = Path(os.path.abspath(mountpoint))
+    refused = _refuse_stale(mp)
+    if refused is None and not _is_alignfs(mp):
+        print(f"alignfs: {mp} is not an alignfs mount", file=sys.stderr)
+        refused = ExitCode.NOT_ALIGNFS
+    return mp, refused
+
+
 def cmd_umount(ns: argparse.Namespace) -> int:
     mp = Path(os.path.abspath(ns.mountpoint))
     if is_stale(str(mp)):
@@ -445,13 +455,9 @@ def render_stats(stats: dict[str, Any]) -> str:
 
 
 def cmd_stats(ns: argparse.Namespace) -> int:
-    mp = Path(os.path.abspath(ns.mountpoint))
-    stale = _refuse_stale(mp)
-    if stale is not None:
-        return stale
-    if not _is_alignfs(mp):
-        print(f"alignfs: {mp} is not an alignfs mount", file=sys.stderr)
-        return ExitCode.NOT_ALIGNFS
+    mp, refused = _live_mount(ns.mountpoint)
+    if refused is not None:
+        return refused
     try:
         while True:
             try:
@@ -472,13 +478,9 @@ def cmd_stats(ns: argparse.Namespace) -> int:
 
 
 def cmd_flush(ns: argparse.Namespace) -> int:
-    mp = Path(os.path.abspath(ns.mountpoint))
-    stale = _refuse_stale(mp)
-    if stale is not None:
-        return stale
-    if not _is_alignfs(mp):
-        print(f"alignfs: {mp} is not an alignfs mount", file=sys.stderr)
-        return ExitCode.NOT_ALIGNFS
+    mp, refused = _live_mount(ns.mountpoint)
+    if refused is not None:
+        return refused
     try:
         request(str(mp), XATTR_FLUSH)
     except OSError as exc:

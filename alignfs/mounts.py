@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 def _unescape(field: str) -> str:
-    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def mount_entries() -> list[tuple[str, str, str]]:
@@ -25,6 +26,12 @@ def mount_entries() -> list[tuple[str, str, str]]:
             sep = fields.index("-")
             out.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
     return out
+
+
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
+    """True if *path* (symlinks resolved) is a mount point."""
+    target = os.path.realpath(path)
+    return any(mountpoint == target for mountpoint, _, _ in mount_entries())
 
 
 def fuse_mount_type(path: str) -> str | None:

@@ -17,11 +17,11 @@ _UNITS = {
     "t": 1 << 40,
 }
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """Return the number of bytes in *text* (``4096``, ``4k``, ``4M``, ``1GiB``).
+    """Return the number of bytes in *text* (``4096``, ``4k``, ``4M``, ``1GiB``, ``1.5G``).
 
     Raises ValueError with a message fit for the user on anything else.
     """
@@ -29,7 +29,10 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"invalid size {text!r} (expected e.g. 4096, 64K, 4M, 1G)")
     number, unit, _ = match.groups()
-    return int(number) * _UNITS[unit.lower()]
+    factor = _UNITS[unit.lower()]
+    if "." in number:
+        return int(float(number) * factor)
+    return int(number) * factor
 
 
 def format_size(n: float) -> str:
@@ -39,3 +42,12 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def compact_size(n: float) -> str:
+    """Shortest exact spelling for labels and command lines: ``536870912`` -> ``512M``."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        factor = 1 << shift
+        if n >= factor and n % factor == 0:
+            return f"{int(n // factor)}{unit}"
+    return str(int(n))

@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import threading
+from collections.abc import Callable
 
 BLOCK = 4096
 
@@ -132,6 +133,17 @@ def file_content(index: int, size: int) -> bytes:
     return blocks(b"F%03d" % index, 0, -(-size // BLOCK))[:size]
 
 
+def in_threads(fn: Callable[[int], None], n: int, errors: list[str]) -> None:
+    """Run fn(0) .. fn(n-1) in threads at once; fail the process if any left an error."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        fail("; ".join(errors))
+
+
 def many(directory: str, nfiles: int, size: int, chunk: int) -> None:
     """*nfiles* threads, each writing its own new file sequentially in *chunk* pieces."""
     errors: list[str] = []
@@ -151,13 +163,7 @@ def many(directory: str, nfiles: int, size: int, chunk: int) -> None:
         except Exception as exc:  # reported below, the process fails
             errors.append(f"f{i:03d}: {exc!r}")
 
-    threads = [threading.Thread(target=write_one, args=(i,)) for i in range(nfiles)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        fail("; ".join(errors))
+    in_threads(write_one, nfiles, errors)
 
 
 def fill(directory: str, nfiles: int, size: int, chunk: int) -> None:
@@ -182,13 +188,7 @@ def fill(directory: str, nfiles: int, size: int, chunk: int) -> None:
             else:
                 errors.append(f"f{i:03d}: {exc!r}")
 
-    threads = [threading.Thread(target=write_one, args=(i,)) for i in range(nfiles)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        fail("; ".join(errors))
+    in_threads(write_one, nfiles, errors)
     print(len(full))
 
 
@@ -207,13 +207,7 @@ def readmany(directory: str, nfiles: int, size: int, chunk: int) -> None:
         except Exception as exc:  # reported below, the process fails
             errors.append(f"f{i:03d}: {exc!r}")
 
-    threads = [threading.Thread(target=read_one, args=(i,)) for i in range(nfiles)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        fail("; ".join(errors))
+    in_threads(read_one, nfiles, errors)
 
 
 MODES = {"stripe": (stripe, (str, int, int, int, int, int)),

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from alignfs.bench import cli, scenarios
-from alignfs.bench.sysutil import GiB, MiB, format_bytes, parse_size
+from alignfs.bench.sysutil import GiB, MiB
+from alignfs.sizes import compact_size, parse_size
 
 
 def test_defaults() -> None:
@@ -139,8 +140,8 @@ def test_sizes() -> None:
     assert parse_size("512M") == 512 * MiB
     assert parse_size("1GiB") == GiB
     assert parse_size("1.5G") == 3 * GiB // 2
-    assert format_bytes(512 * MiB) == "512M"
-    assert format_bytes(131328) == "131328"
+    assert compact_size(512 * MiB) == "512M"
+    assert compact_size(131328) == "131328"
     with pytest.raises(ValueError):
         parse_size("12X")
 

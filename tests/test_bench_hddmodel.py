@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from alignfs.bench.hddmodel import BLKIO_ROOT, ZRAM_CONTROL, HddModel, Throttle
-from alignfs.bench.sysutil import MiB, is_mountpoint
+from alignfs.bench.sysutil import MiB
+from alignfs.mounts import is_mountpoint
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0

@@ -7,57 +7,24 @@ checked is what the disk holds, not a page cache.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
 import threading
-from pathlib import Path
 
 import pytest
-from conftest import is_mounted, read_direct, run_alignfs, wait_until
+from conftest import (
+    daemon_exit_status,
+    is_mounted,
+    pid_gone,
+    proc_status,
+    read_direct,
+    run_alignfs,
+    set_faults,
+    wait_until,
+)
 
 MiB = 1 << 20
-STATUS_DIR = Path("/run/alignfs")
-
-
-_fault_mtime = [2_000_000_000 * 10**9]
-
-
-def set_faults(path: Path, rules: dict | None) -> None:
-    """Write or clear the fault file with a fresh mtime (the daemon reloads on change)."""
-    _fault_mtime[0] += 10**9
-    path.write_text(json.dumps(rules) if rules else "")
-    os.utime(path, ns=(_fault_mtime[0], _fault_mtime[0]))
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-def exit_status(pid: int) -> int | None:
-    """The exit code a detached daemon leaves for ``alignfs umount``."""
-    path = STATUS_DIR / f"{pid}.exit"
-    try:
-        code = int(path.read_text())
-    except (OSError, ValueError):
-        return None
-    path.unlink()
-    return code
 
 
 # -- fsync / O_DSYNC -----------------------------------------------------------------------
@@ -142,7 +109,7 @@ def test_sigterm_writes_everything_back_before_exit(mount_alignfs):
             except OSError:
                 pass  # the mount is gone
     assert wait_until(lambda: not is_mounted(m.mountpoint), timeout=10)
-    assert exit_status(pid) == 0
+    assert daemon_exit_status(pid) == 0
     for name, data in files.items():
         assert read_direct(m.backing / name) == data, name
 
@@ -164,7 +131,7 @@ def test_sigterm_with_unwritable_data_exits_6(mount_alignfs, tmp_path):
             os.close(fd)
         except OSError:
             pass
-    assert exit_status(pid) == 6
+    assert daemon_exit_status(pid) == 6
     assert not is_mounted(m.mountpoint)
     assert read_direct(m.backing / "x") == b"buffered"
 
@@ -179,7 +146,7 @@ def test_rss_bounded_by_max_dirty_while_streaming(mount_alignfs):
     max_dirty = 32 * MiB
     m = mount_alignfs("--max-dirty", "32M", "--buffer-size", "4M", "--flush-delay", "60")
     pid = m.pid
-    idle = proc_status(pid)
+    idle = proc_status(pid, "VmRSS")
     total = 1 << 30
     chunk = os.urandom(131328)  # one record of 32 x (8 + 4096) bytes
     peak_rss = 0
@@ -189,19 +156,19 @@ def test_rss_bounded_by_max_dirty_while_streaming(mount_alignfs):
         while written < total:
             written += os.write(fd, chunk)
             if written % (16 * len(chunk)) < len(chunk):
-                peak_rss = max(peak_rss, proc_status(pid)["VmRSS"])
+                peak_rss = max(peak_rss, proc_status(pid, "VmRSS"))
         os.fsync(fd)
     finally:
         os.close(fd)
-    end = proc_status(pid)
+    end_hwm = proc_status(pid, "VmHWM")
     st = m.stats()
     assert st["write_bytes"] == written
     assert st["peak_dirty_bytes"] <= max_dirty
     assert st["unaligned_backing_writes"] == 0
     overhead = 48 * MiB  # Python objects of requests in flight, thread stacks, ...
-    bound = idle["VmRSS"] + max_dirty + overhead
-    assert peak_rss <= bound, (peak_rss - idle["VmRSS"]) / MiB
-    assert end["VmHWM"] <= bound, (end["VmHWM"] - idle["VmRSS"]) / MiB
+    bound = idle + max_dirty + overhead
+    assert peak_rss <= bound, (peak_rss - idle) / MiB
+    assert end_hwm <= bound, (end_hwm - idle) / MiB
     assert os.stat(m.backing / "stream").st_size == written
     assert m.umount().returncode == 0
     (m.backing / "stream").unlink()

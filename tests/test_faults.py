@@ -16,7 +16,6 @@ fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
@@ -27,65 +26,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ALIGNFS, Mount, alignfs_env, is_mounted, run_alignfs, wait_until
+from conftest import (
+    ALIGNFS,
+    Mount,
+    alignfs_env,
+    daemon_exit_status,
+    errno_of,
+    is_mounted,
+    pid_gone,
+    proc_status,
+    run_alignfs,
+    set_faults,
+    wait_until,
+)
 from faults_workers import BLOCK, ZERO, blocks, classify, file_content
 
 from alignfs.mounts import is_stale
 
 MiB = 1 << 20
 WORKERS = Path(__file__).resolve().parent / "faults_workers.py"
-STATUS_DIR = Path("/run/alignfs")
 #: Bound on any single worker process or daemon exit we wait for.
 WORKER_TIMEOUT = 90
 
 
 # -- helpers -------------------------------------------------------------------
-
-def pid_gone(pid: int) -> bool:
-    """True once every thread of process *pid* has exited.
-
-    A zombie thread-group leader is not enough: the leader of a killed
-    multi-threaded process turns zombie while a worker thread may still be
-    finishing an O_DIRECT write, and the process's descriptors (/dev/fuse
-    among them) are only closed when the last thread exits.
-    """
-    try:
-        if len(os.listdir(f"/proc/{pid}/task")) > 1:
-            return False
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].startswith("Z")
-    except FileNotFoundError:
-        return True
-
-
-def proc_status(pid: int, field: str) -> int:
-    """A ``kB`` field of /proc/PID/status, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def daemon_exit_status(pid: int) -> int | None:
-    """The exit code the daemon left for ``alignfs umount`` (consumed here)."""
-    path = STATUS_DIR / f"{pid}.exit"
-    try:
-        code = int(path.read_text())
-    except (OSError, ValueError):
-        return None
-    path.unlink()
-    return code
-
-
-def errno_of(fn: Callable[[], object]) -> int | None:
-    """The errno *fn* fails with, or None if it succeeds."""
-    try:
-        fn()
-    except OSError as exc:
-        return exc.errno
-    return None
-
 
 def one_message(res: subprocess.CompletedProcess[str]) -> str:
     """The single ``alignfs:`` line of a failed command (no traceback, nothing else)."""
@@ -164,13 +128,6 @@ def bounded(m: Mount, pid: int, fn: Callable[[], object], timeout: float = 30) -
     if "exc" in result:
         raise result["exc"]  # type: ignore[misc]
     return result.get("value")
-
-
-def fault(path: Path, **rules: str) -> None:
-    """Install fault-injection *rules* (``write="EIO", match="name"``) atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rules))
-    os.replace(tmp, path)
 
 
 def kill_stale(m: Mount) -> None:
@@ -584,7 +541,7 @@ def test_backing_read_eio(mount_alignfs: Callable[..., Mount], tmp_path: Path) -
     pid = m.pid
     (m.backing / "victim.img").write_bytes(blocks(b"V", 0, 64))
     (m.backing / "bystander").write_bytes(blocks(b"Y", 0, 64))
-    fault(faults, read="EIO", match="victim")
+    set_faults(faults, {"read": "EIO", "match": "victim"})
 
     def single_read() -> int | None:
         fd = os.open(m.mountpoint / "victim.img", os.O_RDONLY)
@@ -621,7 +578,7 @@ def test_backing_read_eio_during_read_modify_write(mount_alignfs: Callable[..., 
     pid = m.pid
     old = blocks(b"V", 0, 64)
     (m.backing / "victim.img").write_bytes(old)
-    fault(faults, read="EIO", match="victim")
+    set_faults(faults, {"read": "EIO", "match": "victim"})
     fd = os.open(m.mountpoint / "victim.img", os.O_RDWR)
     try:
         os.pwrite(fd, b"patch", 5000)
@@ -662,7 +619,7 @@ def test_backing_read_eio_under_read_ahead(mount_alignfs: Callable[..., Mount],
         with open(m.mountpoint / "victim.img", "rb", buffering=0) as f:
             for _ in range(16):
                 assert f.read(65536)
-            fault(faults, read="EIO", match="victim")
+            set_faults(faults, {"read": "EIO", "match": "victim"})
             return errno_of(lambda: [f.read(65536) for _ in range(128)])
 
     assert bounded(m, pid, scan) == errno.EIO
@@ -680,7 +637,7 @@ def test_umount_with_persistent_write_fault(mount_alignfs: Callable[..., Mount],
     faults = tmp_path / "faults.json"
     m = mount_alignfs("--fault-file", str(faults), "--flush-delay", "300",
                       "--buffer-size", "1M")
-    fault(faults, write="EIO", match="stuck")
+    set_faults(faults, {"write": "EIO", "match": "stuck"})
     stuck = blocks(b"K", 0, 700)[:-7]
     fine = blocks(b"F", 0, 300)[:-3]
     (m.mountpoint / "stuck.img").write_bytes(stuck)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Mount, run_alignfs
+from conftest import Mount, errno_of, run_alignfs
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
@@ -86,14 +86,6 @@ def write_synced(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def touch_empty(path: Path, mode: int = 0o644) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, mode))
-
-
-def errno_of(fn: Callable[[], object]) -> int | None:
-    try:
-        fn()
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 def current_umask() -> int:

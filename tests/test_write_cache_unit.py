@@ -21,7 +21,6 @@ return exactly when the write-out finished.
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import os
 import random
@@ -32,7 +31,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import read_direct
+from conftest import InlineIO, read_direct, set_faults
 
 from alignfs.backing_io import BackingIO
 from alignfs.ranges import RangeSet
@@ -44,18 +43,6 @@ ALIGN = 4096
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-class InlineIO(BackingIO):
-    """Backing syscalls run on the trio thread (no thread hops): exact virtual time."""
-
-    async def meta(self, fn, *args):
-        await trio.lowlevel.checkpoint()
-        return fn(*args)
-
-    async def data(self, fn, *args):
-        await trio.lowlevel.checkpoint()
-        return fn(*args)
 
 
 class GatedIO(BackingIO):
@@ -124,20 +111,6 @@ def trace_lines(path: Path) -> list[tuple[str, int, int]]:
         name, off, length = line.rsplit(" ", 2)
         out.append((name, int(off), int(length)))
     return out
-
-
-_fault_mtime = [1_000_000_000 * 10**9]
-
-
-def set_faults(path: Path, rules: dict | None) -> None:
-    """Write (or clear) the fault file with an mtime never used before.
-
-    The injector reloads on mtime change; coarse filesystem timestamps could
-    give two quick rewrites the same mtime, so set a fresh one explicitly.
-    """
-    _fault_mtime[0] += 10**9
-    path.write_text(json.dumps(rules) if rules else "")
-    os.utime(path, ns=(_fault_mtime[0], _fault_mtime[0]))
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,36 @@ class CleanupStack:
             with _lock:
                 if self in _live_stacks:
                     _live_stacks.remove(self)
+
+
+class StackOwner:
+    """Base of a context manager whose resources register on its own stack.
+
+    ``with`` runs :meth:`_setup`; whatever it created before failing is undone
+    at once, and leaving the block undoes the rest.
+    """
+
+    _stack: CleanupStack
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._stack.__enter__()
+        try:
+            self._setup()
+        except BaseException:
+            self._stack.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.__exit__(exc_type, exc, tb)
 
 
 def _close_all_live() -> None:

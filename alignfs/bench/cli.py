@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..sizes import compact_size, parse_size
 from .cleanup import (
     BenchInterrupted,
     CleanupStack,
@@ -40,7 +41,7 @@ from .scenarios import (
     ScenarioOptions,
     build_scenarios,
 )
-from .sysutil import GiB, MiB, format_bytes, parse_size, run, which
+from .sysutil import GiB, MiB, run, which
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +488,7 @@ def _header(meta: dict[str, Any]) -> str:
         limit = f"{thr['write_iops']} IOPS, {thr['write_bps'] / MiB:g} MiB/s each way"
     else:
         limit = "no throttle"
-    size = f" {format_bytes(model['size'])} ext4" if model.get("size") else ""
+    size = f" {compact_size(model['size'])} ext4" if model.get("size") else ""
     text = (
         f"alignfs bench -- model: {model.get('kind', '?')}{size}, {limit}; "
         f"repeat {meta.get('repeat', '?')}, median shown; kernel {meta.get('kernel', '?')}"

@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-from .cleanup import CleanupStack
-from .sysutil import MiB, block_queue_attr, is_mountpoint, run, whole_disk_of, write_text
+from ..mounts import is_mountpoint
+from .cleanup import CleanupStack, StackOwner
+from .sysutil import MiB, block_queue_attr, run, whole_disk_of, write_text
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class IoCounters:
         )
 
 
-class HddModel:
+class HddModel(StackOwner):
     """Context manager: set up the model on enter, remove every trace on exit."""
 
     def __init__(
@@ -132,23 +132,6 @@ class HddModel:
         }
 
     # -- set-up ------------------------------------------------------------
-
-    def __enter__(self) -> HddModel:
-        self._stack.__enter__()
-        try:
-            self._setup()
-        except BaseException:
-            self._stack.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stack.__exit__(exc_type, exc, tb)
 
     def _setup(self) -> None:
         if self.workdir is None:

@@ -19,11 +19,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from .cleanup import CleanupStack
-from .sysutil import find_pids_with_arg, is_mountpoint, process_cpu_seconds, run
+from ..mounts import is_mountpoint
+from .cleanup import CleanupStack, StackOwner
+from .sysutil import find_pids_with_arg, process_cpu_seconds, run
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class MountError(RuntimeError):
     """``alignfs mount`` failed or the mount did not appear."""
 
 
-class AlignfsMount:
+class AlignfsMount(StackOwner):
     """A live alignfs mount of *backing* on *mountpoint*; unmounted on exit."""
 
     def __init__(self, cmd: AlignfsCommand, mountpoint: Path, backing: Path, log_dir: Path) -> None:
@@ -115,24 +115,7 @@ class AlignfsMount:
         self.last_daemon_cpu: float | None = None
         self._stack = CleanupStack("alignfs-mount")
 
-    def __enter__(self) -> AlignfsMount:
-        self._stack.__enter__()
-        try:
-            self._mount()
-        except BaseException:
-            self._stack.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stack.__exit__(exc_type, exc, tb)
-
-    def _mount(self) -> None:
+    def _setup(self) -> None:
         argv = self.cmd.argv(
             "mount", str(self.mountpoint), str(self.backing), *self.cmd.mount_options
         )

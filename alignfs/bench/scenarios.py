@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..sizes import compact_size
 from .qmp import QmpError
 from .results import ALIGNFS, DIRECT
-from .sysutil import GiB, MiB, format_bytes, run, which
+from .sysutil import GiB, MiB, run, which
 from .vm import QEMU, PausedVm, make_random_file, qemu_argv
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class SavevmScenario(Scenario):
         self.disk_size = disk_size
         self.throttled = throttled
         self.caches = caches
-        self.description = f"savevm of {format_bytes(ram)} random RAM into qcow2"
+        self.description = f"savevm of {compact_size(ram)} random RAM into qcow2"
         self.ram_file: Path | None = None
 
     def cases(self) -> list[Case]:
@@ -170,7 +171,7 @@ class SavevmScenario(Scenario):
         ]
 
     def rows(self) -> list[RowDef]:
-        size = format_bytes(self.ram)
+        size = compact_size(self.ram)
         rows = [RowDef(f"savevm {size} cache=none", "direct-none", "alignfs-none")]
         if "writeback" in self.caches:
             rows += [
@@ -192,7 +193,7 @@ class SavevmScenario(Scenario):
         self.ctx = ctx
         ctx.ram_dir.mkdir(parents=True, exist_ok=True)
         self.ram_file = ctx.ram_dir / f"ram-{self.ram}.bin"
-        log.info("creating %s of random data in %s", format_bytes(self.ram), self.ram_file)
+        log.info("creating %s of random data in %s", compact_size(self.ram), self.ram_file)
         make_random_file(self.ram_file, self.ram)
 
     def teardown(self, ctx: BenchContext) -> None:
@@ -338,7 +339,7 @@ class QemuImgBenchScenario(Scenario):
     def rows(self) -> list[RowDef]:
         return [
             RowDef(
-                f"qemu-img bench {fmt} {format_bytes(self.buffer_size)}B x {self.count}",
+                f"qemu-img bench {fmt} {compact_size(self.buffer_size)}B x {self.count}",
                 f"direct-{fmt}",
                 f"alignfs-{fmt}",
             )
@@ -429,15 +430,15 @@ class FioScenario(Scenario):
         self.size = size
         self.runtime = runtime
         self.throttled = throttled
-        limit = f"{runtime:g} s" if runtime else format_bytes(size)
+        limit = f"{runtime:g} s" if runtime else compact_size(size)
         self.description = f"fio rw=write bs={bs} direct=1 psync iodepth=1, {limit}"
 
     def cases(self) -> list[Case]:
         return [Case(DIRECT, DIRECT, DIRECT), Case(ALIGNFS, ALIGNFS, ALIGNFS)]
 
     def rows(self) -> list[RowDef]:
-        limit = f"{self.runtime:g}s" if self.runtime else format_bytes(self.size)
-        return [RowDef(f"fio write bs={format_bytes(self.bs)} {limit}", DIRECT, ALIGNFS)]
+        limit = f"{self.runtime:g}s" if self.runtime else compact_size(self.size)
+        return [RowDef(f"fio write bs={compact_size(self.bs)} {limit}", DIRECT, ALIGNFS)]
 
     def argv(self, target: Path, direct: bool) -> list[str]:
         argv = [
@@ -551,11 +552,11 @@ class LoadvmScenario(SavevmScenario):
         super().__init__(
             ram=ram, disk_size=disk_size, name=name, throttled=throttled, caches=caches
         )
-        self.description = f"loadvm of {format_bytes(ram)} random RAM from qcow2"
+        self.description = f"loadvm of {compact_size(ram)} random RAM from qcow2"
         self.target_file: Path | None = None
 
     def rows(self) -> list[RowDef]:
-        size = format_bytes(self.ram)
+        size = compact_size(self.ram)
         rows = [
             RowDef(
                 f"loadvm {size} cache=none",
@@ -666,7 +667,7 @@ class QemuImgReadScenario(QemuImgBenchScenario):
     def rows(self) -> list[RowDef]:
         return [
             RowDef(
-                f"qemu-img bench read raw {format_bytes(self.buffer_size)}B x {self.count}",
+                f"qemu-img bench read raw {compact_size(self.buffer_size)}B x {self.count}",
                 "direct-raw",
                 "alignfs-raw",
             )
@@ -715,20 +716,20 @@ class FioReadScenario(FioScenario):
     ) -> None:
         super().__init__(name=name, bs=bs, size=size, runtime=runtime, throttled=throttled)
         self.rw = rw
-        limit = f"{runtime:g} s" if runtime else format_bytes(size)
+        limit = f"{runtime:g} s" if runtime else compact_size(size)
         self.description = (
-            f"fio rw={rw} bs={bs} direct=1 psync iodepth=1 over {format_bytes(size)}, {limit}"
+            f"fio rw={rw} bs={bs} direct=1 psync iodepth=1 over {compact_size(size)}, {limit}"
         )
 
     def rows(self) -> list[RowDef]:
-        limit = f"{self.runtime:g}s" if self.runtime else format_bytes(self.size)
+        limit = f"{self.runtime:g}s" if self.runtime else compact_size(self.size)
         # A random reader gets no read-ahead: the goal is only not to lose.
         # Both sides are bound by the same IOPS limit, so a few per cent
         # either way is noise, not a loss.
         speedup = self.RANDOM_TARGET_SPEEDUP if self.rw == "randread" else None
         return [
             RowDef(
-                f"fio {self.rw} bs={format_bytes(self.bs)} {limit}",
+                f"fio {self.rw} bs={compact_size(self.bs)} {limit}",
                 DIRECT,
                 ALIGNFS,
                 target_speedup=speedup,

@@ -1,14 +1,14 @@
 """Small system helpers shared by the benchmark modules.
 
-Running commands with logging, parsing sizes, dropping the page cache,
-reading a process' CPU time and finding the block device under a path.
+Running commands with logging, dropping the page cache, reading a process'
+CPU time and finding the block device under a path. Sizes and mount points
+come from alignfs.sizes and alignfs.mounts, as for the daemon.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -20,10 +20,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
-
-
 class CommandError(RuntimeError):
     """A command exited non-zero; carries its output for the report."""
 
@@ -33,23 +29,6 @@ class CommandError(RuntimeError):
         self.argv = list(argv)
         self.returncode = returncode
         self.output = output
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``text`` such as ``512M``, ``1G``, ``4096``, ``1.5GiB`` (binary units)."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ValueError(f"invalid size {text!r} (expected e.g. 4096, 64K, 512M, 1G)")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[unit.lower()])
-
-
-def format_bytes(n: float) -> str:
-    """``536870912`` -> ``512M``; used in labels and command lines."""
-    for unit, factor in (("G", GiB), ("M", MiB), ("K", KiB)):
-        if n >= factor and n % factor == 0:
-            return f"{int(n // factor)}{unit}"
-    return str(int(n))
 
 
 def run(
@@ -147,21 +126,3 @@ def block_queue_attr(major: int, minor: int, name: str) -> str | None:
         return Path(f"/sys/dev/block/{major}:{minor}/queue/{name}").read_text().strip()
     except OSError:
         return None
-
-
-def is_mountpoint(path: Path | str) -> bool:
-    """True if *path* is listed as a mount point in /proc/self/mountinfo."""
-    target = os.path.realpath(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return os.path.ismount(target)
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4 and _unescape_mount(fields[4]) == target:
-            return True
-    return False
-
-
-def _unescape_mount(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
