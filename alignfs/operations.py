@@ -492,7 +492,8 @@ class Operations(pyfuse3.Operations):
                     await self.io.meta(os.truncate, node.proc_path, 0)
                     if self.cache is not None:
                         self.cache.backing_changed(node.key)
-            if self.cache is not None and self.cache.readahead is not None:
+            readable = flags & os.O_ACCMODE != os.O_WRONLY
+            if readable and self.cache is not None and self.cache.readahead is not None:
                 handle.ra = await self.cache.readahead.attach(node.key, self._reopen(node),
                                                               node.name)
         except BaseException:
@@ -552,8 +553,14 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
-        stats = self.stats
         sequential = handle.seq.note(off, size)
+        try:
+            return await self._read(handle, sequential, off, size)
+        finally:
+            handle.seq.done()
+
+    async def _read(self, handle: Handle, sequential: bool, off: int, size: int) -> bytes:
+        stats = self.stats
 
         async def plain(o: int, n: int) -> bytes:
             data = await self.io.data(self.io.pread, handle.fd, n, o, handle.inode.name)

@@ -58,7 +58,7 @@ STREAM_IDLE = 1.0
 class Segment:
     """Backing-file bytes [start, start+length) in an anonymous mmap."""
 
-    __slots__ = ("start", "mem", "length", "lo", "hi")
+    __slots__ = ("start", "mem", "length", "lo", "hi", "used")
 
     def __init__(self, start: int, mem: mmap.mmap, length: int) -> None:
         self.start = start
@@ -67,6 +67,10 @@ class Segment:
         #: The span readers have been served from, [lo, hi) (empty: lo > hi).
         self.lo = start + length
         self.hi = start
+        self.used = 0.0
+
+    def evictable(self, now: float) -> bool:
+        return self.read_through or now - self.used > STREAM_IDLE
 
     @property
     def end(self) -> int:
@@ -93,7 +97,7 @@ class Segment:
         self.mem.close()
 
 
-@dataclass
+@dataclass(eq=False)
 class Fetch:
     start: int
     length: int
@@ -104,24 +108,43 @@ class Fetch:
 
 #: How far from the stream's end a read may start and still count as part of
 #: the stream: O_DIRECT clients (QEMU cache=none) widen each read to block
-#: boundaries, so it overlaps the previous one, and clients with many reads in
-#: flight (qemu-img bench, loadvm) issue them slightly out of order.
+#: boundaries, so it overlaps the previous one. Clients with many reads in
+#: flight (qemu-img bench, loadvm) issue them out of order, by up to the bytes
+#: they have in flight: that much more is tolerated.
 NEAR = 128 << 10
 
 
 @dataclass(eq=False)
 class SequentialState:
-    """Per-handle stream detection (hashed by identity: one per handle)."""
+    """Per-handle stream detection (hashed by identity: one per handle).
+
+    Every ``note()`` must be followed by ``done()`` when that read finishes:
+    the reads in flight widen what counts as "near the stream's end".
+    """
 
     next_off: int = -(1 << 62)
     run: int = 0
     window: int = MIN_WINDOW
     #: trio time of the stream's last sequential read (for the fair share).
     last_read: float = 0.0
+    #: Client reads of this handle being served now, and the most seen at once.
+    in_flight: int = 0
+    depth: int = 0
+
+    def near(self, size: int) -> int:
+        """How far from the stream's end a read of *size* bytes still belongs to it.
+
+        A client that keeps *depth* reads in flight may deliver them in any
+        order, so the next one can be up to that many reads away.
+        """
+        return NEAR + self.depth * max(size, 4096)
 
     def note(self, off: int, size: int) -> bool:
         """Record a client read; True if the handle reads (nearly) sequentially."""
-        if abs(off - self.next_off) <= NEAR:
+        near = self.near(size)
+        self.in_flight += 1
+        self.depth = max(self.depth, self.in_flight)
+        if abs(off - self.next_off) <= near:
             self.run += 1
             self.next_off = max(self.next_off, off + size)
         else:
@@ -129,6 +152,9 @@ class SequentialState:
             self.window = MIN_WINDOW
             self.next_off = off + size
         return self.run >= SEQUENTIAL_AFTER
+
+    def done(self) -> None:
+        self.in_flight -= 1
 
 
 class FileReadAhead:
@@ -139,7 +165,7 @@ class FileReadAhead:
         self.name = name
         self.gen = 0
         self.segments: list[Segment] = []
-        self.fetches: dict[int, Fetch] = {}
+        self.fetches: set[Fetch] = set()
         self.handles = 0
         #: Where the backing file ends, once a fetch of this generation came back short.
         self.eof: int | None = None
@@ -215,7 +241,7 @@ class ReadAhead:
 
     async def _close_after_fetches(self, ra: FileReadAhead) -> None:
         while ra.fetches:
-            await next(iter(ra.fetches.values())).done.wait()
+            await next(iter(ra.fetches)).done.wait()
         os.close(ra.fd)
 
     def invalidate(self, key: Key) -> None:
@@ -244,7 +270,8 @@ class ReadAhead:
         dropped to make room, so admitting no more than this never evicts
         unread bytes.
         """
-        in_use = sum(s.length for s in self._lru if not s.read_through)
+        now = trio.current_time()
+        in_use = sum(s.length for s in self._lru if not s.evictable(now))
         return self.budget - self._inflight - in_use
 
     # -- fair share --------------------------------------------------------------
@@ -277,23 +304,24 @@ class ReadAhead:
         """
         out = bytearray()
         pos, end = off, off + size
-        waited: set[int] = set()
+        waited: set[Fetch] = set()
         while pos < end:
             seg = next((g for g in ra.segments if g.start <= pos < g.end), None)
             if seg is not None:
                 out += seg.take(pos, end)
+                seg.used = trio.current_time()
                 self._lru.move_to_end(seg)
                 pos = min(end, seg.end)
                 continue
             if ra.past_eof(pos):
                 break
             fetch = self._in_flight(ra, pos, pos + 1)
-            if fetch is None or id(fetch) in waited:
+            if fetch is None or fetch in waited:
                 return None
-            waited.add(id(fetch))
+            waited.add(fetch)
             await fetch.done.wait()
             if fetch.error is not None:
-                raise fetch.error
+                return None  # the caller's plain read reports an error in its own bytes
         return bytes(out)
 
     async def read(self, ra: FileReadAhead, seq: SequentialState, sequential: bool,
@@ -317,7 +345,7 @@ class ReadAhead:
         # Fetch from the first byte nothing covers or brings yet: with many reads
         # in flight (qemu-img bench, QEMU's queue), their fetches tile the file
         # instead of overlapping.
-        start, limit = self._hole(ra, gap)
+        start, limit = self._hole(ra, gap, seq.near(size))
         needed = -(-(off + size - start) // self.align) * self.align
         room = self._room()
         length = max(min(seq.window, cap, room, limit - start), needed)
@@ -325,7 +353,11 @@ class ReadAhead:
         if length > room:
             return await fallback(off, size)
         seq.window = min(cap, seq.window * 2)  # now, so reads arriving meanwhile see it
-        seg = await self._run_fetch(ra, self._register(ra, start, length))
+        try:
+            seg = await self._run_fetch(ra, self._register(ra, start, length))
+        except OSError:
+            seq.window = MIN_WINDOW
+            return await fallback(off, size)
         if seg not in self._lru:
             seg.close()  # the file changed meanwhile (or nothing was read)
         data = await self._gather(ra, off, size)
@@ -334,28 +366,31 @@ class ReadAhead:
         self._maybe_prefetch(ra, seq, off + size, cap)
         return data
 
-    def _hole(self, ra: FileReadAhead, gap: int) -> tuple[int, int]:
+    def _hole(self, ra: FileReadAhead, gap: int, near: int) -> tuple[int, int]:
         """Where a fetch for the uncovered byte *gap* starts, and where the next
         covered range (a segment or a fetch) begins.
 
         A fetch starts at the end of the covered range just before *gap* when
-        that is near (the bytes between belong to a read still on its way), so
-        no sliver is left for a later read to fetch a whole window for.
+        that is *near*: the bytes between belong to reads still on their way
+        (a deep queue delivers them in any order), so no sliver is left for a
+        later read to fetch a window of its own for.
         """
-        start = gap - gap % self.align
+        frontier = -1  # the end of the covered range closest below gap
         limit = 1 << 62
         for lo, hi in self._covered(ra):
-            if hi <= gap and gap - hi <= NEAR:
-                start = min(start, hi)
+            if hi <= gap:
+                frontier = max(frontier, hi)
             elif lo > gap:
                 limit = min(limit, lo)
-        return start, limit
+        if frontier >= 0 and gap - frontier <= near:
+            return frontier, limit
+        return gap - gap % self.align, limit
 
     @staticmethod
     def _covered(ra: FileReadAhead) -> list[tuple[int, int]]:
         """Ranges of the current generation held in segments or being fetched."""
         out = [(g.start, g.end) for g in ra.segments]
-        out += [(f.start, f.start + f.length) for f in ra.fetches.values() if f.gen == ra.gen]
+        out += [(f.start, f.start + f.length) for f in ra.fetches if f.gen == ra.gen]
         return out
 
     def _first_gap(self, ra: FileReadAhead, off: int, end: int) -> int | None:
@@ -376,7 +411,7 @@ class ReadAhead:
 
     @staticmethod
     def _in_flight(ra: FileReadAhead, start: int, end: int) -> Fetch | None:
-        for f in ra.fetches.values():
+        for f in ra.fetches:
             if f.gen == ra.gen and f.start <= start and end <= f.start + f.length:
                 return f
         return None
@@ -408,7 +443,7 @@ class ReadAhead:
     def _register(self, ra: FileReadAhead, start: int, length: int) -> Fetch:
         """A fetch about to run: visible to readers, counted against the budget."""
         fetch = Fetch(start, length, ra.gen)
-        ra.fetches[start] = fetch
+        ra.fetches.add(fetch)
         self._inflight += length
         self._shrink()
         return fetch
@@ -426,18 +461,19 @@ class ReadAhead:
 
         Returns the segment, installed or not; the caller closes one that is not.
         """
-        mem = mmap.mmap(-1, fetch.length)
+        mem = None
         try:
+            mem = mmap.mmap(-1, fetch.length)
             n = await self.io.data(self._read_aligned, ra, mem, fetch.start)
         except BaseException as exc:
-            mem.close()
+            if mem is not None:
+                mem.close()
             if isinstance(exc, OSError):
                 fetch.error = exc
             raise
         finally:
             self._inflight -= fetch.length
-            if ra.fetches.get(fetch.start) is fetch:
-                del ra.fetches[fetch.start]
+            ra.fetches.discard(fetch)
             fetch.done.set()
         self.stats.backing_reads += 1
         self.stats.backing_read_bytes += n
@@ -471,6 +507,7 @@ class ReadAhead:
         keep.append(seg)
         keep.sort(key=lambda s: s.start)
         ra.segments = keep
+        seg.used = trio.current_time()
         self._lru[seg] = ra
         self._bytes += seg.length
         self._shrink(keep=seg)
@@ -482,7 +519,8 @@ class ReadAhead:
         the segment just read, is never dropped: its reader is about to use it.
         """
         while self.held_bytes > self.budget:
-            victim = next((s for s in self._lru if s.read_through), None) \
+            now = trio.current_time()
+            victim = next((s for s in self._lru if s.evictable(now)), None) \
                 or next(iter(self._lru), None)
             if victim is None or victim is keep:
                 break
