@@ -51,6 +51,9 @@ MIN_WINDOW = 256 << 10
 SEQUENTIAL_AFTER = 2
 
 
+#: Dropped segments' buffers kept for reuse (within the budget).
+SPARE_BUFFERS = 4
+
 #: A stream that has not read for this long no longer takes a share of the budget.
 STREAM_IDLE = 1.0
 
@@ -93,8 +96,6 @@ class Segment:
         self.hi = max(self.hi, end)
         return self.mem[pos - self.start:end - self.start]
 
-    def close(self) -> None:
-        self.mem.close()
 
 
 @dataclass(eq=False)
@@ -138,6 +139,10 @@ class SequentialState:
         order, so the next one can be up to that many reads away.
         """
         return NEAR + self.depth * max(size, 4096)
+
+    def behind(self, size: int) -> int:
+        """How far behind this read others of the same queue may still come."""
+        return max(0, self.depth - 1) * max(size, 4096)
 
     def note(self, off: int, size: int) -> bool:
         """Record a client read; True if the handle reads (nearly) sequentially."""
@@ -188,6 +193,11 @@ class ReadAhead:
         self._bytes = 0
         #: Bytes of fetches under way; they count against the budget too.
         self._inflight = 0
+        #: Memory of dropped segments kept for the next fetch of the same size:
+        #: a fresh mmap costs page faults and zeroing, and unmapping costs the
+        #: trio thread time per request. Counted in held_bytes, dropped first.
+        self._spare: list[mmap.mmap] = []
+        self._spare_bytes = 0
         #: Sequential streams, oldest read first; idle ones are pruned lazily.
         self._streams: OrderedDict[SequentialState, None] = OrderedDict()
 
@@ -197,8 +207,8 @@ class ReadAhead:
 
     @property
     def held_bytes(self) -> int:
-        """Memory in use now: segments plus fetches in flight."""
-        return self._bytes + self._inflight
+        """Memory in use now: segments, fetches in flight and spare buffers."""
+        return self._bytes + self._inflight + self._spare_bytes
 
     # -- files -------------------------------------------------------------------
 
@@ -233,6 +243,10 @@ class ReadAhead:
             ra.gen += 1
             if self.files.get(ra.key) is ra:
                 del self.files[ra.key]
+            if not self.files:  # nothing open reads ahead: give the spare memory back
+                while self._spare:
+                    self._spare_bytes -= len(self._spare[-1])
+                    self._spare.pop().close()
             if ra.fetches:
                 # A background fetch still uses the descriptor: close it after.
                 self.nursery.start_soon(self._close_after_fetches, ra)
@@ -261,7 +275,23 @@ class ReadAhead:
         if self._lru.pop(seg, None) is not None:
             self._bytes -= seg.length
             self.stats.readahead_wasted_bytes += seg.unused
-            seg.close()
+            self._release(seg.mem)
+
+    def _release(self, mem: mmap.mmap) -> None:
+        """A segment's memory is free: keep a few buffers for reuse, unmap the rest."""
+        if len(self._spare) < SPARE_BUFFERS and len(mem) <= self.max_window:
+            self._spare.append(mem)
+            self._spare_bytes += len(mem)
+        else:
+            mem.close()
+
+    def _buffer(self, length: int) -> mmap.mmap:
+        for i, mem in enumerate(self._spare):
+            if len(mem) == length:
+                del self._spare[i]
+                self._spare_bytes -= length
+                return mem
+        return mmap.mmap(-1, length)
 
     def _room(self) -> int:
         """Bytes a new fetch may take without pushing out data nobody has read yet.
@@ -302,8 +332,13 @@ class ReadAhead:
         at again: the fetch installed its bytes there (or, if the file changed
         meanwhile, did not, and this is a miss).
         """
-        out = bytearray()
         pos, end = off, off + size
+        for seg in ra.segments:  # the usual case: one segment holds it all
+            if seg.start <= off and end <= seg.end:
+                seg.used = trio.current_time()
+                self._lru.move_to_end(seg)
+                return seg.take(off, end)
+        out = bytearray()
         waited: set[Fetch] = set()
         while pos < end:
             seg = next((g for g in ra.segments if g.start <= pos < g.end), None)
@@ -345,7 +380,7 @@ class ReadAhead:
         # Fetch from the first byte nothing covers or brings yet: with many reads
         # in flight (qemu-img bench, QEMU's queue), their fetches tile the file
         # instead of overlapping.
-        start, limit = self._hole(ra, gap, seq.near(size))
+        start, limit = self._hole(ra, gap, seq.near(size), seq.behind(size))
         needed = -(-(off + size - start) // self.align) * self.align
         room = self._room()
         length = max(min(seq.window, cap, room, limit - start), needed)
@@ -359,21 +394,25 @@ class ReadAhead:
             seq.window = MIN_WINDOW
             return await fallback(off, size)
         if seg not in self._lru:
-            seg.close()  # the file changed meanwhile (or nothing was read)
+            self._release(seg.mem)  # the file changed meanwhile (or nothing was read)
         data = await self._gather(ra, off, size)
         if data is None:  # changed or dropped while other bytes were awaited
             return await fallback(off, size)
         self._maybe_prefetch(ra, seq, off + size, cap)
         return data
 
-    def _hole(self, ra: FileReadAhead, gap: int, near: int) -> tuple[int, int]:
+    def _hole(self, ra: FileReadAhead, gap: int, near: int,
+              behind: int) -> tuple[int, int]:
         """Where a fetch for the uncovered byte *gap* starts, and where the next
         covered range (a segment or a fetch) begins.
 
         A fetch starts at the end of the covered range just before *gap* when
         that is *near*: the bytes between belong to reads still on their way
         (a deep queue delivers them in any order), so no sliver is left for a
-        later read to fetch a window of its own for.
+        later read to fetch a window of its own for. With nothing covered near
+        below, it starts *behind* bytes early, for the reads of the same queue
+        that arrive after this one (trio may run a batch of requests in
+        reverse order).
         """
         frontier = -1  # the end of the covered range closest below gap
         limit = 1 << 62
@@ -384,7 +423,8 @@ class ReadAhead:
                 limit = min(limit, lo)
         if frontier >= 0 and gap - frontier <= near:
             return frontier, limit
-        return gap - gap % self.align, limit
+        start = max(0, frontier, gap - behind)
+        return start - start % self.align, limit
 
     @staticmethod
     def _covered(ra: FileReadAhead) -> list[tuple[int, int]]:
@@ -454,20 +494,20 @@ class ReadAhead:
         except OSError:
             return  # the reader that needs these bytes sees the error itself
         if seg not in self._lru:
-            seg.close()  # stale or empty: nobody will read it
+            self._release(seg.mem)  # stale or empty: nobody will read it
 
     async def _run_fetch(self, ra: FileReadAhead, fetch: Fetch) -> Segment:
         """One aligned read of the fetch's range; installed as a segment unless stale.
 
-        Returns the segment, installed or not; the caller closes one that is not.
+        Returns the segment, installed or not; the caller releases one that is not.
         """
         mem = None
         try:
-            mem = mmap.mmap(-1, fetch.length)
+            mem = self._buffer(fetch.length)
             n = await self.io.data(self._read_aligned, ra, mem, fetch.start)
         except BaseException as exc:
             if mem is not None:
-                mem.close()
+                self._release(mem)
             if isinstance(exc, OSError):
                 fetch.error = exc
             raise
@@ -519,6 +559,11 @@ class ReadAhead:
         the segment just read, is never dropped: its reader is about to use it.
         """
         while self.held_bytes > self.budget:
+            if self._spare:
+                mem = self._spare.pop(0)
+                self._spare_bytes -= len(mem)
+                mem.close()
+                continue
             now = trio.current_time()
             victim = next((s for s in self._lru if s.evictable(now)), None) \
                 or next(iter(self._lru), None)
