@@ -243,3 +243,24 @@ def test_missing_read_clients_are_skipped(
     assert "skipping scenario loadvm: qemu-system-x86_64, qemu-img not installed" in err
     assert "skipping scenario qemu-img-read: qemu-img not installed" in err
     assert "skipping scenario fio-randread-4k: fio not installed" in err
+
+
+def test_header_warns_on_cpu_contention_not_on_io_waits() -> None:
+    """The warning follows CPU pressure (PSI), not the load average, which also
+    counts the tasks waiting on the throttled model disk."""
+    meta = {"model": {"kind": "zram1"}, "repeat": 1, "kernel": "k", "cpus": 2,
+            "max_loadavg_1m": 40.0, "max_cpu_pressure": 0.05}
+    assert "warning" not in cli._header(meta)
+    meta["max_cpu_pressure"] = 0.6
+    assert "waited for a CPU during up to 60% of a run" in cli._header(meta)
+
+
+def test_cpu_pressure_total_reads_psi() -> None:
+    from alignfs.bench.sysutil import cpu_pressure_total
+
+    first = cpu_pressure_total()
+    if not Path("/proc/pressure/cpu").exists():
+        assert first is None
+        return
+    assert first is not None and first >= 0
+    assert cpu_pressure_total() >= first

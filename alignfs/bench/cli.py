@@ -308,6 +308,10 @@ def scenario_options(args: argparse.Namespace) -> ScenarioOptions:
     )
 
 
+#: Share of a run's time with some task waiting for a CPU above which the report warns.
+CPU_PRESSURE_WARNING = 0.25
+
+
 def alignfs_command(args: argparse.Namespace) -> AlignfsCommand:
     cmd = AlignfsCommand(
         mount_options=shlex.split(args.mount_options), daemon_log=not args.no_daemon_log
@@ -430,12 +434,12 @@ def _run(args: argparse.Namespace) -> int:
             for sc in runnable:
                 rows.extend(runner.run_scenario(sc))
             meta = _meta(args, model, cmd, skipped)
-            loads = [
-                run_.extra.get("loadavg_1m", 0.0)
-                for r in rows
-                for run_ in r.direct_runs + r.alignfs_runs
-            ]
-            meta["max_loadavg_1m"] = max(loads, default=None)
+            runs = [run_ for r in rows for run_ in r.direct_runs + r.alignfs_runs]
+            meta["max_loadavg_1m"] = max(
+                (run_.extra.get("loadavg_1m", 0.0) for run_ in runs), default=None)
+            meta["max_cpu_pressure"] = max(
+                (run_.extra["cpu_pressure"] for run_ in runs if "cpu_pressure" in run_.extra),
+                default=None)
         failed_runs = sum(1 for r in rows for run_ in r.direct_runs + r.alignfs_runs if not run_.ok)
         logs_kept["flag"] = failed_runs > 0
 
@@ -493,10 +497,10 @@ def _header(meta: dict[str, Any]) -> str:
         f"alignfs bench -- model: {model.get('kind', '?')}{size}, {limit}; "
         f"repeat {meta.get('repeat', '?')}, median shown; kernel {meta.get('kernel', '?')}"
     )
-    load = meta.get("max_loadavg_1m")
-    if load is not None and load > (meta.get("cpus") or 1):
+    pressure = meta.get("max_cpu_pressure")
+    if pressure is not None and pressure > CPU_PRESSURE_WARNING:
         text += (
-            f"\nwarning: the machine was busy (1-min load average up to {load:.1f} on "
-            f"{meta.get('cpus')} CPUs); CPU-bound numbers are pessimistic"
+            f"\nwarning: CPUs were contended (tasks waited for a CPU during up to "
+            f"{pressure:.0%} of a run, /proc/pressure/cpu); CPU-bound numbers are pessimistic"
         )
     return text

@@ -31,7 +31,7 @@ from .hddmodel import HddModel
 from .mount import AlignfsCommand, AlignfsMount
 from .results import ALIGNFS, DIRECT, RowResult, RunResult
 from .scenarios import BenchContext, Case, ClientOutcome, Scenario
-from .sysutil import drop_caches
+from .sysutil import cpu_pressure_total, drop_caches
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,18 @@ class Runner:
             result.ok = False
             result.error = f"alignfs unavailable: {self.alignfs_unavailable}"
         else:
+            waited, began = cpu_pressure_total(), time.monotonic()
             try:
                 self._execute(scenario, case, result)
             except Exception as exc:  # noqa: BLE001 - one failed run must not end the benchmark
                 log.debug("run failed", exc_info=True)
                 result.ok = False
                 result.error = f"{type(exc).__name__}: {exc}"
-        # Other work on the machine skews CPU-bound (alignfs) runs the most.
+            # Share of the run during which some task waited for a CPU: other
+            # work on the machine skews CPU-bound (alignfs) runs the most.
+            now = cpu_pressure_total()
+            if waited is not None and now is not None:
+                result.extra["cpu_pressure"] = (now - waited) / max(time.monotonic() - began, 1e-3)
         result.extra["loadavg_1m"] = os.getloadavg()[0]
         if self.progress:
             self.progress.finish(what, describe_run(result, scenario.metric))

@@ -90,6 +90,21 @@ def process_cpu_seconds(pid: int) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_pressure_total() -> float | None:
+    """Seconds tasks have waited for a CPU since boot (PSI "some"), or None without PSI.
+
+    Unlike the load average, this does not count tasks blocked on I/O, so the
+    throttled disk of the HDD model does not make the machine look busy.
+    """
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some "):
+                return int(line.rsplit("total=", 1)[1]) / 1e6
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def find_pids_with_arg(needle: str) -> list[int]:
     """PIDs whose command line contains the exact argument *needle*."""
     pids = []
