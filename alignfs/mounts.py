@@ -50,5 +50,6 @@ def is_stale(path: str) -> bool:
     try:
         os.statvfs(path)
     except OSError as exc:
-        return exc.errno == errno.ENOTCONN
+        # ECONNABORTED: the request was queued as the connection was torn down.
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

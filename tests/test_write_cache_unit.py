@@ -1093,7 +1093,8 @@ def test_direct_pread_into_short_read_then_file_grows(tmp_path: Path, monkeypatc
 async def test_read_ahead_fetch_failure_raises_the_backing_error(tmp_path: Path) -> None:
     """A failing backing read in a read-ahead fetch must reach the client as that
     error (EIO), not as BufferError from closing memory a view still exports
-    (which the daemon logs as an internal error)."""
+    (which the daemon logs as an internal error). The failed window is a miss:
+    the reader's own plain read reports the error."""
     from alignfs.read_ahead import ReadAhead, SequentialState
 
     path = tmp_path / "f"
@@ -1101,15 +1102,21 @@ async def test_read_ahead_fetch_failure_raises_the_backing_error(tmp_path: Path)
     faults = tmp_path / "faults.json"
     set_faults(faults, {"read": "EIO"})
     io = BackingIO(2, fault_file=faults)
+    plain_reads = []
     async with trio.open_nursery() as nursery:
         readahead = ReadAhead(io, Stats(), align=ALIGN, max_window=1 << 20, budget=8 << 20,
                               nursery=nursery)
         ra = await readahead.attach(key_of(path), reopener(path), path.name)
+        fd = os.open(path, os.O_RDONLY)
 
         async def plain(off: int, size: int) -> bytes:
-            raise AssertionError("a sequential read should be read ahead")
+            plain_reads.append(off)
+            return await io.data(io.pread, fd, size, off, path.name)
 
         with pytest.raises(OSError) as info:
             await readahead.read(ra, SequentialState(), True, 0, 100, plain)
         assert info.value.errno == errno.EIO
+        assert plain_reads == [0]
+        os.close(fd)
         readahead.detach(ra)
+        assert readahead.held_bytes == 0  # nothing leaked, spare memory given back
