@@ -248,8 +248,21 @@ class Operations(pyfuse3.Operations):
         if self.control and inode == self.control.ino:
             return self.control.attrs()
         node = self._inode(inode)
-        st = await self.io.meta(os.fstat, node.fd)
-        return self._attrs(node, st)
+        return self._attrs(node, await self._stat(node))
+
+    async def _stat(self, node: Inode) -> os.stat_result:
+        """fstat of the backing file, never one taken in the middle of a write-out.
+
+        While a CachedFile exists its size is the file's size (``_attrs``). If
+        the file's last write-out ends while the fstat runs, the CachedFile is
+        dropped and the fstat may have seen the write-out's padding past EOF
+        (O_DIRECT writes whole blocks, then cuts back): stat again.
+        """
+        while True:
+            cf = self.cache.files.get(node.key) if self.cache else None
+            st = await self.io.meta(os.fstat, node.fd)
+            if cf is None or self.cache.files.get(node.key) is cf:  # type: ignore[union-attr]
+                return st
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
@@ -283,8 +296,7 @@ class Operations(pyfuse3.Operations):
             cf = self.cache.files.get(node.key) if self.cache else None
             if cf is not None and mtime is not None:
                 cf.mtime_ns = mtime  # kept through later write-outs
-        st = await self.io.meta(os.fstat, node.fd)
-        return self._attrs(node, st)
+        return self._attrs(node, await self._stat(node))
 
     @staticmethod
     def _set_times(node: Inode, atime: int | None, mtime: int | None) -> None:
@@ -549,7 +561,7 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             await self.forget([(node.ino, 1)])
             raise
-        return info, self._attrs(node, await self.io.meta(os.fstat, node.fd))
+        return info, self._attrs(node, await self._stat(node))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
