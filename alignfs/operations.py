@@ -580,15 +580,19 @@ class Operations(pyfuse3.Operations):
             stats.backing_read_bytes += len(data)
             return data
 
+        cf = handle.cached or (self.cache.files.get(handle.inode.key) if self.cache else None)
         backing_read = plain
-        if handle.ra is not None:
+        # No read-ahead while the file has buffered writes: each write-out drops
+        # the file's read-ahead, and the reads of a writer (QEMU's and
+        # qemu-img's read-modify-write of partial blocks) would pull whole
+        # windows off the disk for a few bytes each.
+        if handle.ra is not None and (cf is None or not cf.dirty):
             readahead = self.cache.readahead  # type: ignore[union-attr]
             ra = handle.ra
 
             async def backing_read(o: int, n: int) -> bytes:
                 return await readahead.read(ra, handle.seq, sequential, o, n, plain)
 
-        cf = handle.cached or (self.cache.files.get(handle.inode.key) if self.cache else None)
         if cf is not None:
             return await cf.read(off, size, backing_read)
         stats.read_requests += 1

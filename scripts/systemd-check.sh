@@ -8,6 +8,9 @@
 #     answers: the mount is up and `alignfs stats` works the instant start returns,
 #     StatusText is "serving MOUNTPOINT", and the daemon's "mounted" log line comes
 #     before systemd's "Started" line;
+#   * a QEMU VM whose disk is a qcow2 on the mount (cache=none) writes and saves an
+#     internal snapshot (savevm); after the stop the image on BACKING checks clean,
+#     holds the snapshot and the same guest data as the same run on a plain file;
 #   * clients (qemu-img/qemu-io on a qcow2, dd with an unaligned block size, and a
 #     writer that keeps its file open so data is still buffered at stop time) write
 #     through the mount; `systemctl stop alignfs@demo` reports STATUS=writing back ...
@@ -291,6 +294,15 @@ write_clients() {  # DIR: the demo's clients (qcow2 via qemu-io, unaligned dd)
     dd if="$WORK/src.bin" of="$1/dd.bin" bs=$STEP count=300 status=none
     dd if="$WORK/src.bin" of="$1/dd.bin" bs=4097 seek=1000 count=2000 conv=notrunc status=none
 }
+run_vm() {  # DIR: a QEMU VM with DIR/vm2.qcow2 as its disk (cache=none): the guest
+    # disk is written through the monitor's qemu-io, then savevm stores an
+    # internal snapshot (the motivating workload), then QEMU quits.
+    qemu-img create -q -f qcow2 "$1/vm2.qcow2" 1G
+    printf '%s\n' 'qemu-io d0 "write -P 0x5a 1000000 3000000"' 'savevm snap1' 'quit' |
+        timeout 120 qemu-system-x86_64 -machine pc,accel=tcg -m 128 -nodefaults -display none -S \
+            -drive "file=$1/vm2.qcow2,if=none,id=d0,cache=none,format=qcow2" \
+            -device virtio-blk-pci,drive=d0 -monitor stdio >/dev/null
+}
 write_held() {  # FILE: write held_mb MiB (unaligned steps) and keep the file open
     exec 3>"$1"
     local i
@@ -301,6 +313,7 @@ write_held() {  # FILE: write held_mb MiB (unaligned steps) and keep the file op
     exec sleep 3600
 }
 write_clients "$WORK/plain"
+run_vm "$WORK/plain"
 (write_held "$WORK/plain/held.bin") & ref_holder=$!
 while [ ! -e "$WORK/plain/held.bin.written" ]; do sleep 0.1; done
 kill "$ref_holder"; wait "$ref_holder" 2>/dev/null || true
@@ -423,6 +436,8 @@ check "journal: daemon's 'mounted' line (l.${mounted_line:-?}) before 'Started' 
 say "systemd-check: writing through $WORK/fast"
 check "clients write through the mount (qemu-img, qemu-io -t none, dd bs=$STEP and bs=4097)" \
     nsm bash -c "$(declare -f write_clients); WORK=$WORK STEP=$STEP; write_clients $WORK/fast"
+check "a QEMU VM runs with its disk on the mount (cache=none): guest writes, savevm" \
+    nsm bash -c "$(declare -f run_vm); run_vm $WORK/fast"
 nsenter -t "$PID1" -m -- bash -c "$(declare -f write_held); WORK=$WORK STEP=$STEP held_mb=$held_mb; write_held $WORK/fast/held.bin" &
 HOLDER=$!
 for ((i = 0; i < 600; i++)); do [ -e "$WORK/backing/held.bin.written" ] && break; alive "$HOLDER" || break; sleep 0.1; done
@@ -467,6 +482,10 @@ for f in vm.qcow2 dd.bin held.bin; do
     check "backing $f == plain $f (sha256)" test "$a" = "$b"
 done
 check "qemu-img compare backing/vm.qcow2 plain/vm.qcow2" qemu-img compare -q "$WORK/plain/vm.qcow2" "$WORK/backing/vm.qcow2"
+check "the VM's disk on BACKING: qemu-img check clean" qemu-img check -q "$WORK/backing/vm2.qcow2"
+check "the VM's disk on BACKING: holds snapshot snap1" grep -qw snap1 <<<"$(qemu-img snapshot -l "$WORK/backing/vm2.qcow2")"
+check "the VM's disk on BACKING: same guest data as the plain run (qemu-img compare)" \
+    qemu-img compare -q "$WORK/plain/vm2.qcow2" "$WORK/backing/vm2.qcow2"
 
 # -- fast.mount -------------------------------------------------------------------------------
 say "--- fast.mount as $MOUNT_UNIT"

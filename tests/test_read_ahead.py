@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 
 from conftest import run_alignfs
@@ -143,3 +144,23 @@ def test_block_widened_reads_count_as_sequential(mount_alignfs) -> None:
     reads, _ = _trace_reads(before, after)
     assert requests > 700
     assert reads <= 20, reads
+
+
+def test_writer_read_modify_write_is_not_read_ahead(mount_alignfs) -> None:
+    """qemu-img bench -w -t none on a preallocated raw image: QEMU reads the
+    partial head/tail blocks of each unaligned write (64 reads in flight, so
+    they look sequential). With read-ahead those pulled whole windows off the
+    disk, dropped at each write-out (HDD model: 271 MB read from BACKING for a
+    1 GiB write, 92 MB never used); a file with buffered writes gets none."""
+    m = mount_alignfs()
+    img = m.mountpoint / "img.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "128M"], check=True)
+    before = m.stats()
+    subprocess.run(["qemu-img", "bench", "-w", "-t", "none", "-f", "raw", "-s", "131328",
+                    "-S", "131328", "-c", "900", "-d", "64", str(img)],
+                   check=True, capture_output=True)
+    after = m.stats()
+    reads = after["read_requests"] - before["read_requests"]
+    assert reads > 500, "QEMU did no read-modify-write: the test proves nothing"
+    assert after["readahead_bytes"] - before["readahead_bytes"] < 1 * MiB, after
+    assert after["backing_read_bytes"] - before["backing_read_bytes"] < reads * 8192, after
