@@ -162,5 +162,7 @@ def test_writer_read_modify_write_is_not_read_ahead(mount_alignfs) -> None:
     after = m.stats()
     reads = after["read_requests"] - before["read_requests"]
     assert reads > 500, "QEMU did no read-modify-write: the test proves nothing"
-    assert after["readahead_bytes"] - before["readahead_bytes"] < 1 * MiB, after
+    # Only the reads before the first write is buffered may be read ahead
+    # (768 KiB in 10 of 10 runs here; 32 MB before the fix).
+    assert after["readahead_bytes"] - before["readahead_bytes"] < 4 * MiB, after
     assert after["backing_read_bytes"] - before["backing_read_bytes"] < reads * 8192, after
