@@ -197,7 +197,6 @@ class ReadAhead:
         #: a fresh mmap costs page faults and zeroing, and unmapping costs the
         #: trio thread time per request. Counted in held_bytes, dropped first.
         self._spare: list[mmap.mmap] = []
-        self._spare_bytes = 0
         #: Sequential streams, oldest read first; idle ones are pruned lazily.
         self._streams: OrderedDict[SequentialState, None] = OrderedDict()
 
@@ -208,7 +207,7 @@ class ReadAhead:
     @property
     def held_bytes(self) -> int:
         """Memory in use now: segments, fetches in flight and spare buffers."""
-        return self._bytes + self._inflight + self._spare_bytes
+        return self._bytes + self._inflight + sum(len(mem) for mem in self._spare)
 
     # -- files -------------------------------------------------------------------
 
@@ -245,8 +244,7 @@ class ReadAhead:
                 del self.files[ra.key]
             if not self.files:  # nothing open reads ahead: give the spare memory back
                 while self._spare:
-                    self._spare_bytes -= len(self._spare[-1])
-                    self._spare.pop().close()
+                    self._unmap_spare()
             if ra.fetches:
                 # A background fetch still uses the descriptor: close it after.
                 self.nursery.start_soon(self._close_after_fetches, ra)
@@ -281,15 +279,16 @@ class ReadAhead:
         """A segment's memory is free: keep a few buffers for reuse, unmap the rest."""
         if len(self._spare) < SPARE_BUFFERS and len(mem) <= self.max_window:
             self._spare.append(mem)
-            self._spare_bytes += len(mem)
         else:
             mem.close()
+
+    def _unmap_spare(self) -> None:
+        self._spare.pop(0).close()
 
     def _buffer(self, length: int) -> mmap.mmap:
         for i, mem in enumerate(self._spare):
             if len(mem) == length:
                 del self._spare[i]
-                self._spare_bytes -= length
                 return mem
         return mmap.mmap(-1, length)
 
@@ -560,9 +559,7 @@ class ReadAhead:
         """
         while self.held_bytes > self.budget:
             if self._spare:
-                mem = self._spare.pop(0)
-                self._spare_bytes -= len(mem)
-                mem.close()
+                self._unmap_spare()
                 continue
             now = trio.current_time()
             victim = next((s for s in self._lru if s.evictable(now)), None) \
