@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .sizes import format_size
+from .sizes import compact_size, format_size
 
 MiB = 1 << 20
 
@@ -98,3 +98,17 @@ class MountConfig:
             raise ConfigError("--readahead-memory must hold at least one --readahead window")
         if self.io_threads < 1:
             raise ConfigError("--io-threads must be at least 1")
+
+    def check_alignment(self, align: int) -> None:
+        """Raise ConfigError if buffers cannot be written with BACKING's *align*.
+
+        An explicit ``--align`` is checked by :meth:`validate`; a detected one
+        only at mount. Buffers that are not a multiple of it would make every
+        write-out fail (O_DIRECT answers EINVAL), so the mount is refused.
+        """
+        if align and self.buffer_size % align:
+            raise ConfigError(
+                f"BACKING needs direct I/O aligned to {compact_size(align)}, which does not "
+                f"divide --buffer-size {compact_size(self.buffer_size)}: use a --buffer-size "
+                f"of at least {compact_size(align)}"
+            )

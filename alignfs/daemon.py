@@ -25,7 +25,7 @@ from pyfuse3 import FUSEError
 
 from . import sdnotify
 from .backing_io import BackingIO, detect_alignment
-from .config import MountConfig
+from .config import ConfigError, MountConfig
 from .control import ControlFile
 from .exitcodes import ExitCode
 from .operations import Operations
@@ -161,6 +161,11 @@ class Daemon:
             raise DaemonError(ExitCode.BAD_BACKING,
                               f"cannot open BACKING {cfg.backing}: {exc.strerror}") from exc
         self.align = cfg.align if cfg.align is not None else detect_alignment(cfg.backing)
+        try:
+            cfg.check_alignment(self.align)
+        except ConfigError as exc:
+            os.close(root_fd)
+            raise DaemonError(ExitCode.BAD_BACKING, str(exc)) from exc
         if self.align == 0:
             log.warning("%s does not support O_DIRECT: buffered writes of aligned buffers",
                         cfg.backing)

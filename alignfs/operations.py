@@ -175,12 +175,46 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             raise
 
-    async def _register(self, fd: int, st: os.stat_result, name: bytes,
-                        parent: Inode | None = None) -> pyfuse3.EntryAttributes:
+    def _register(self, fd: int, st: os.stat_result, name: bytes,
+                  parent: Inode | None = None) -> pyfuse3.EntryAttributes:
         inode, adopted = self.inodes.remember(fd, st, name, parent.ino if parent else 0)
         if not adopted:
             os.close(fd)  # closing an O_PATH descriptor does no I/O
         return self._attrs(inode, st)
+
+    async def _new_entry_attrs(self, parent: Inode, name: bytes,
+                               fn: Callable[..., tuple[int, os.stat_result]],
+                               *args: Any) -> pyfuse3.EntryAttributes:
+        """Run *fn* (worker thread; returns an O_PATH descriptor and its stat)
+        and answer with the entry, stat again if the stat may be stale (see
+        stat_fence: a file's last write-out ended while it ran)."""
+        fence = self.cache.fence
+        with fence.open():
+            mark = fence.mark()
+            fd, st = await self.io.meta(fn, *args)
+            try:
+                while fence.stale((st.st_dev, st.st_ino), mark):
+                    mark = fence.mark()
+                    st = await self.io.meta(os.fstat, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            return self._register(fd, st, name, parent)
+
+    async def _fresh_attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes from an fstat of the backing file that no write-out overtook.
+
+        While a CachedFile exists its size and mtime are the file's (``_attrs``);
+        if the file's last write-out ends while the fstat runs, the CachedFile
+        is gone and the stat may predate the data: stat again (see stat_fence).
+        """
+        fence = self.cache.fence
+        with fence.open():
+            while True:
+                mark = fence.mark()
+                st = await self.io.meta(os.fstat, node.fd)
+                if not fence.stale(node.key, mark):
+                    return self._attrs(node, st)
 
     def _new_entry(self, parent_fd: int, name: bytes, mode: int,
                    ctx: pyfuse3.RequestContext) -> tuple[int, os.stat_result]:
@@ -194,8 +228,7 @@ class Operations(pyfuse3.Operations):
             raise
 
     async def _lookup_new(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
-        fd, st = await self.io.meta(self._open_path, parent.fd, name)
-        return await self._register(fd, st, name, parent)
+        return await self._new_entry_attrs(parent, name, self._open_path, parent.fd, name)
 
     def _give_to_caller(self, pfd: int, parent_fd: int, mode: int,
                         ctx: pyfuse3.RequestContext) -> None:
@@ -247,22 +280,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if self.control and inode == self.control.ino:
             return self.control.attrs()
-        node = self._inode(inode)
-        return self._attrs(node, await self._stat(node))
-
-    async def _stat(self, node: Inode) -> os.stat_result:
-        """fstat of the backing file, never one taken in the middle of a write-out.
-
-        While a CachedFile exists its size is the file's size (``_attrs``). If
-        the file's last write-out ends while the fstat runs, the CachedFile is
-        dropped and the fstat may have seen the write-out's padding past EOF
-        (O_DIRECT writes whole blocks, then cuts back): stat again.
-        """
-        while True:
-            cf = self.cache.files.get(node.key) if self.cache else None
-            st = await self.io.meta(os.fstat, node.fd)
-            if cf is None or self.cache.files.get(node.key) is cf:  # type: ignore[union-attr]
-                return st
+        return await self._fresh_attrs(self._inode(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
@@ -296,7 +314,7 @@ class Operations(pyfuse3.Operations):
             cf = self.cache.files.get(node.key) if self.cache else None
             if cf is not None and mtime is not None:
                 cf.mtime_ns = mtime  # kept through later write-outs
-        return self._attrs(node, await self._stat(node))
+        return await self._fresh_attrs(node)
 
     @staticmethod
     def _set_times(node: Inode, atime: int | None, mtime: int | None) -> None:
@@ -347,7 +365,7 @@ class Operations(pyfuse3.Operations):
         def do() -> tuple[int, os.stat_result]:
             os.mknod(name, mode, rdev, dir_fd=parent.fd)
             return self._new_entry(parent.fd, name, mode, ctx)
-        return await self._register(*await self.io.meta(do), name, parent)
+        return await self._new_entry_attrs(parent, name, do)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -356,7 +374,7 @@ class Operations(pyfuse3.Operations):
         def do() -> tuple[int, os.stat_result]:
             os.mkdir(name, mode, dir_fd=parent.fd)
             return self._new_entry(parent.fd, name, mode, ctx)
-        return await self._register(*await self.io.meta(do), name, parent)
+        return await self._new_entry_attrs(parent, name, do)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -365,7 +383,7 @@ class Operations(pyfuse3.Operations):
         def do() -> tuple[int, os.stat_result]:
             os.symlink(target, name, dir_fd=parent.fd)
             return self._new_entry(parent.fd, name, 0, ctx)
-        return await self._register(*await self.io.meta(do), name, parent)
+        return await self._new_entry_attrs(parent, name, do)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -375,7 +393,7 @@ class Operations(pyfuse3.Operations):
         def do() -> tuple[int, os.stat_result]:
             os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
             return self._open_path(parent.fd, new_name)
-        return await self._register(*await self.io.meta(do), new_name, parent)
+        return await self._new_entry_attrs(parent, new_name, do)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
@@ -453,26 +471,60 @@ class Operations(pyfuse3.Operations):
             start_id = 2
         pos = start_id - 2
         while pos < len(d.names):
-            batch = await self.io.meta(self._scan, d.fd, d.names, pos, 128)
-            pos += 128
-            for k, item in enumerate(batch):
-                if item is None:
-                    continue
-                i, name, pfd, st = item
-                inode, adopted = self.inodes.remember(pfd, st, name, d.inode.ino)
-                if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), i + 3):
-                    # Not sent: undo this reference and drop the unsent batch.
-                    fd = self.inodes.forget(inode.ino, 1)
-                    if fd is not None:
-                        os.close(fd)
-                    elif not adopted:
-                        os.close(pfd)
-                    for rest in batch[k + 1:]:
-                        if rest is not None:
-                            os.close(rest[2])
+            with self.cache.fence.open():
+                batch = await self._scan_fresh(d, pos)
+                pos += 128
+                if not self._reply_entries(d, batch, token):
                     return
-                if not adopted:
+
+    async def _scan_fresh(self, d: DirHandle, pos: int) \
+            -> list[tuple[int, bytes, int, os.stat_result] | None]:
+        """``_scan``, with the stats a file's last write-out may have overtaken
+        taken again (see stat_fence); call inside ``fence.open()``."""
+        fence = self.cache.fence
+        mark = fence.mark()
+        batch = await self.io.meta(self._scan, d.fd, d.names, pos, 128)
+        try:
+            while True:
+                stale = [k for k, item in enumerate(batch) if item is not None
+                         and fence.stale((item[3].st_dev, item[3].st_ino), mark)]
+                if not stale:
+                    return batch
+                mark = fence.mark()
+                fds = [batch[k][2] for k in stale]  # type: ignore[index]
+                stats = await self.io.meta(_fstat_all, fds)
+                for k, st in zip(stale, stats, strict=True):
+                    i, name, pfd, _ = batch[k]  # type: ignore[misc]
+                    batch[k] = (i, name, pfd, st)
+        except BaseException:
+            for item in batch:
+                if item is not None:
+                    os.close(item[2])
+            raise
+
+    def _reply_entries(self, d: DirHandle,
+                       batch: list[tuple[int, bytes, int, os.stat_result] | None],
+                       token: pyfuse3.ReaddirToken) -> bool:
+        """Send a scanned batch; False when the kernel's buffer is full."""
+        for k, item in enumerate(batch):
+            if item is None:
+                continue
+            i, name, pfd, st = item
+            inode, adopted = self.inodes.remember(pfd, st, name, d.inode.ino)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), i + 3):
+                # Not sent: undo this reference and drop the unsent batch.
+                fd = self.inodes.forget(inode.ino, 1)
+                if fd is not None:
+                    os.close(fd)
+                elif not adopted:
                     os.close(pfd)
+                for rest in batch[k + 1:]:
+                    if rest is not None:
+                        os.close(rest[2])
+                return False
+            if not adopted:
+                os.close(pfd)
+        return True
 
     async def releasedir(self, fh: int) -> None:
         d = self._dirs.pop(fh)
@@ -553,15 +605,14 @@ class Operations(pyfuse3.Operations):
             except BaseException:
                 os.close(pfd)
                 raise
-        pfd, st = await self.io.meta(do)
-        entry = await self._register(pfd, st, name, parent)
+        entry = await self._new_entry_attrs(parent, name, do)
         node = self.inodes[entry.st_ino]
         try:
             info = await self._open_handle(node, flags & ~(os.O_CREAT | os.O_EXCL))
         except BaseException:
             await self.forget([(node.ino, 1)])
             raise
-        return info, self._attrs(node, await self._stat(node))
+        return info, await self._fresh_attrs(node)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
@@ -725,3 +776,8 @@ class Operations(pyfuse3.Operations):
         for d in self._dirs.values():
             os.close(d.fd)
         self._dirs.clear()
+
+
+def _fstat_all(fds: list[int]) -> list[os.stat_result]:
+    """Worker thread: fstat of each descriptor."""
+    return [os.fstat(fd) for fd in fds]

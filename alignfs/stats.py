@@ -25,7 +25,11 @@ class Stats:
     # what reached BACKING
     backing_writes: int = 0
     backing_write_bytes: int = 0
+    #: O_DIRECT writes that were not aligned (a bug if ever non-zero)
     unaligned_backing_writes: int = 0
+    #: the part of a last block below EOF, written through the page cache
+    #: (an O_DIRECT write of the whole block would pad the file past its size)
+    tail_writes: int = 0
     backing_reads: int = 0
     backing_read_bytes: int = 0
     rmw_block_reads: int = 0

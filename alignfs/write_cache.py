@@ -11,7 +11,9 @@ than ``flush_delay``, under memory pressure, on fsync/close and at unmount.
 Sealed buffers are written by one flusher task per file, strictly in order
 (FIFO), so a newer buffer for a window always lands after an older one. A
 write is one aligned O_DIRECT ``pwrite`` per contiguous extent; only blocks
-that are partly covered are read back first (read-modify-write).
+that are partly covered are read back first (read-modify-write). BACKING is
+never made larger than the file, not even for a moment: the part of a last
+block below EOF goes through a buffered descriptor (see ``_plan_writes``).
 
 Concurrency model (trio, one thread): everything here runs on the trio thread
 and is atomic between ``await`` points; the only awaits are the pool wait,
@@ -45,6 +47,7 @@ from .backing_io import BackingIO
 from .buffer_pool import BufferPool
 from .ranges import RangeSet
 from .read_ahead import ReadAhead
+from .stat_fence import StatFence
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -52,11 +55,12 @@ log = logging.getLogger(__name__)
 #: A backing key: (st_dev, st_ino) of the backing file.
 Key = tuple[int, int]
 
-#: Write-out errors that no retry can fix (offset beyond the backing
-#: filesystem's maximum file size, a request it rejects): the data is dropped
-#: and the error reported once, as the kernel's page cache does. Every other
-#: error keeps the data buffered and is retried.
-PERMANENT_ERRNOS = frozenset({errno.EFBIG, errno.EINVAL})
+#: Write-out errors that no retry can fix: an offset beyond the backing
+#: filesystem's maximum file size. The data is dropped and the error reported,
+#: as the kernel's page cache does. Every other error keeps the data buffered
+#: and is retried: EIO and ENOSPC may pass, and EINVAL is what O_DIRECT answers
+#: to a misaligned write, a bug of ours rather than a property of the data.
+PERMANENT_ERRNOS = frozenset({errno.EFBIG})
 
 #: Largest file offset Linux allows.
 MAX_OFFSET = (1 << 63) - 1
@@ -90,6 +94,9 @@ class CachedFile:
         #: Backing descriptor used for write-out, RMW reads and fsync (O_DIRECT if direct).
         self.fd = fd
         self.direct = direct
+        #: A buffered descriptor of the same file, for the part of a block below
+        #: EOF (see WriteCache._plan_writes); opened on first use, under ``lock``.
+        self.tail_fd: int | None = None
         self.name = name
         #: Logical size: what clients see, buffered data included.
         self.size = size
@@ -309,6 +316,8 @@ class WriteCache:
         self._nursery: trio.Nursery | None = None
         self._warned_no_direct = False
         self._readahead_args = (readahead_window, readahead_memory)
+        #: Tells stats of BACKING taken while a CachedFile ended (see stat_fence).
+        self.fence = StatFence()
         #: Read-ahead for sequential readers; kept coherent by this cache.
         self.readahead: ReadAhead | None = None
 
@@ -341,13 +350,22 @@ class WriteCache:
         """
         cf = self.files.get(key)
         if cf is None:
-            fd, direct, size = await self.io.meta(self._open_backing, reopen)
-            cf = self.files.get(key)
-            if cf is None:
-                cf = CachedFile(self, key, fd, direct, size, name)
-                self.files[key] = cf
-            else:
-                await self.io.meta(os.close, fd)
+            with self.fence.open():
+                mark = self.fence.mark()
+                fd, direct, size = await self.io.meta(self._open_backing, reopen)
+                cf = self.files.get(key)
+                if cf is None:
+                    # The size is the file's only if no CachedFile of it ended
+                    # since the stat (another open's, written out meanwhile).
+                    while self.fence.stale(key, mark):
+                        mark = self.fence.mark()
+                        size = (await self.io.meta(os.fstat, fd)).st_size
+                    cf = self.files.get(key)
+                if cf is None:
+                    cf = CachedFile(self, key, fd, direct, size, name)
+                    self.files[key] = cf
+                else:
+                    await self.io.meta(os.close, fd)
         cf.handles += 1
         return cf
 
@@ -382,9 +400,17 @@ class WriteCache:
             return
         if self.files.get(cf.key) is cf:
             del self.files[cf.key]
-            cf.closed = True
-            # close() of a descriptor with nothing dirty does no I/O.
-            os.close(cf.fd)
+            self.fence.file_ended(cf.key)
+            self._close_file(cf)
+
+    @staticmethod
+    def _close_file(cf: CachedFile) -> None:
+        cf.closed = True
+        # close() of a descriptor with nothing dirty does no I/O; the tail
+        # descriptor's page cache was written by the fsync/syncfs that counts.
+        os.close(cf.fd)
+        if cf.tail_fd is not None:
+            os.close(cf.tail_fd)
 
     # -- buffers ---------------------------------------------------------------
 
@@ -588,20 +614,46 @@ class WriteCache:
             self.stats.rmw_block_reads += len(to_read)
             self.stats.backing_reads += len(to_read)
             self.stats.backing_read_bytes += len(to_read) * align
+        # The file's size now: truncate waits for the lock this write-out holds,
+        # so it can only grow meanwhile, by writes to other buffers.
+        plan = self._plan_writes(cf, window, extents, cf.size)
         try:
-            cut_to = await self.io.data(self._pwrite_extents, cf, buf, extents)
+            await self.io.data(self._pwrite_plan, cf, buf, plan)
         finally:
             # Even a failed pwrite may have changed part of the file.
             self.backing_changed(cf.key)
-        for es, ee in extents:
+        for start, end, direct in plan:
             self.stats.backing_writes += 1
-            self.stats.backing_write_bytes += ee - es
-            if (window + es) % align or (ee - es) % align:
+            self.stats.backing_write_bytes += end - start
+            if not direct:
+                self.stats.tail_writes += 1
+            elif (window + start) % align or (end - start) % align:
                 self.stats.unaligned_backing_writes += 1
-        if cut_to is not None:
-            cf.backing_size = cut_to
-        else:
-            cf.backing_size = max(cf.backing_size, window + extents[-1][1])
+        cf.backing_size = max(cf.backing_size, window + plan[-1][1])
+
+    def _plan_writes(self, cf: CachedFile, window: int, extents: list[list[int]],
+                     size: int) -> list[tuple[int, int, bool]]:
+        """The writes of one buffer: (start, end, through the O_DIRECT descriptor).
+
+        Aligned extents go out with O_DIRECT, except past the file's *size*: a
+        whole last block would make BACKING larger than the file, visible to
+        any stat and kept by a crash before a truncate could cut it back. The
+        part of that block below EOF is written through the buffered tail
+        descriptor instead (at most one block per write-out, and only at the
+        file's end). The kernel keeps the two coherent: an O_DIRECT read or
+        write of that block later writes back and drops its cached page first,
+        and fsync/syncfs cover both descriptors of the one file.
+        """
+        plan: list[tuple[int, int, bool]] = []
+        align = self.align
+        for es, ee in extents:
+            end = min(ee, size - window)  # > es: buffered data lies below the size
+            direct_end = end - end % align if cf.direct else end
+            if direct_end > es:
+                plan.append((es, direct_end, True))
+            if end > max(es, direct_end):
+                plan.append((max(es, direct_end), end, False))
+        return plan
 
     def _fill_partial_blocks(self, cf: CachedFile, buf: Buffer, blocks: list[int]) -> None:
         """Worker thread: read partly covered blocks and fill their uncovered bytes."""
@@ -619,25 +671,25 @@ class WriteCache:
             sview.release()
             scratch.close()
 
-    def _pwrite_extents(self, cf: CachedFile, buf: Buffer,
-                        extents: list[list[int]]) -> int | None:
-        """Worker thread: one pwrite per aligned extent.
-
-        If the last block was padded past EOF, cut the file back to its size
-        (returned; cf.size only grows meanwhile, so an older value is safe).
-        Finally put the client's mtime back: both steps set it to now.
-        """
-        for es, ee in extents:
-            self.io.pwrite_all(cf.fd, buf.view[es:ee], buf.window + es, cf.name)
-        cut_to = None
-        size = cf.size
-        if buf.window + extents[-1][1] > size:
-            os.ftruncate(cf.fd, size)
-            cut_to = size
+    def _pwrite_plan(self, cf: CachedFile, buf: Buffer,
+                     plan: list[tuple[int, int, bool]]) -> None:
+        """Worker thread: the planned pwrites, then the client's mtime put back
+        (each pwrite sets it to now)."""
+        for start, end, direct in plan:
+            fd = cf.fd if direct else self._tail_fd(cf)
+            self.io.pwrite_all(fd, buf.view[start:end], buf.window + start, cf.name)
         mtime = cf.mtime_ns
         if mtime is not None:
             syscalls.set_mtime(cf.fd, mtime)
-        return cut_to
+
+    @staticmethod
+    def _tail_fd(cf: CachedFile) -> int:
+        """Worker thread, under cf.lock: the buffered descriptor, opened on first use."""
+        if cf.tail_fd is None:
+            if not cf.direct:
+                return cf.fd
+            cf.tail_fd = os.open(f"/proc/self/fd/{cf.fd}", os.O_WRONLY | os.O_CLOEXEC)
+        return cf.tail_fd
 
     # -- timers and shutdown ---------------------------------------------------
 
@@ -692,6 +744,5 @@ class WriteCache:
         for cf in list(self.files.values()):
             if not cf.dirty:
                 del self.files[cf.key]
-                cf.closed = True
-                os.close(cf.fd)
+                self._close_file(cf)
         self.pool.close()

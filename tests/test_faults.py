@@ -1098,6 +1098,24 @@ def test_cli_read_only_backing(tmp_path: Path) -> None:
     assert not is_mounted(mp)
 
 
+def test_cli_detected_alignment_larger_than_buffers(tmp_path: Path) -> None:
+    """BACKING whose direct I/O needs more alignment than --buffer-size gives:
+    every write-out would fail with EINVAL, so the mount is refused (exit 3).
+    No device here needs more than 4 KiB, so the probe's answer is replaced."""
+    mp, back = tmp_path / "mnt", tmp_path / "back"
+    mp.mkdir()
+    back.mkdir()
+    code = ("import sys, alignfs.daemon as d; d.detect_alignment = lambda path: 1 << 20; "
+            "from alignfs.cli import main; sys.exit(main(sys.argv[1:]))")
+    res = subprocess.run([sys.executable, "-c", code, "mount", "--foreground",
+                          "--buffer-size", "256K", str(mp), str(back)],
+                         env=alignfs_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert "aligned to 1M, which does not divide --buffer-size 256K" in res.stderr
+    assert not is_mounted(mp)
+
+
 def test_name_length_limits(mount_alignfs: Callable[..., Mount]) -> None:
     """A 255-byte name works end to end; 256 bytes gives ENAMETOOLONG."""
     m = mount_alignfs()

@@ -9,10 +9,12 @@ a backing call whose result is held back while another request runs.
 from __future__ import annotations
 
 import os
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
+import pytest
 import trio
 import trio.testing
 
@@ -84,3 +86,167 @@ async def test_getattr_never_returns_a_stat_overtaken_by_the_last_write_out(
         assert got[0].st_size == len(data)
     assert (backing / "img").read_bytes() == data
     os.close(root_fd)
+
+
+# -- a stat overtaken by a file's last write-out (issue 14.1) ---------------------------
+#
+# Every answer that carries a size (getattr, lookup, readdirplus, create, open's
+# CachedFile) comes from a backing stat taken on a worker thread and turned into
+# attributes on the trio thread later. If the file's last write-out ends and its
+# CachedFile is dropped in between, the stat is older than what clients wrote: it
+# has the size before the write-out (data "cut short"), or, taken in the middle of
+# an O_DIRECT write-out, its padding past EOF (size "rounded up to 4 KiB").
+
+
+class HeldCallIO(BackingIO):
+    """Real threads; the first ``meta`` call of the function named ``hold`` has its
+    result held back (after it ran) until ``release`` is set."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.hold: str | None = None
+        self.release = trio.Event()
+        self.held = trio.Event()
+
+    async def meta(self, fn, *args):
+        result = await super().meta(fn, *args)
+        if self.hold is not None and getattr(fn, "__name__", "") == self.hold:
+            self.hold = None
+            self.held.set()
+            await self.release.wait()
+        return result
+
+
+@asynccontextmanager
+async def ops_with_buffered_file(tmp_path: Path, data: bytes):
+    """Operations over BACKING with one file "img" holding *data* in a buffer only."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
+    io = HeldCallIO(2)
+    try:
+        async with WriteCache.running(io, Stats(), buffer_size=64 * 1024,
+                                      max_dirty=1 << 20, buffers_per_file=2,
+                                      flush_delay=60.0, align=4096) as cache:
+            ops = Operations(root_fd, io, cache)
+            info, entry = await ops.create(pyfuse3.ROOT_INODE, b"img", 0o644,
+                                           os.O_RDWR | os.O_CREAT, FakeContext())
+            assert await ops.write(info.fh, 0, data) == len(data)
+            assert os.stat(backing / "img").st_size == 0  # still buffered
+            yield ops, cache, io, info.fh, entry.st_ino
+    finally:
+        os.close(root_fd)
+
+
+async def _end_last_write_out(ops: Operations, cache: WriteCache, fh: int) -> None:
+    await ops.release(fh)  # the last handle: write-out starts
+    await cache.flush_all()
+    assert not cache.files  # written and dropped
+
+
+async def test_lookup_never_returns_a_stat_overtaken_by_the_last_write_out(
+        tmp_path: Path) -> None:
+    data = b"x" * 5000
+    async with ops_with_buffered_file(tmp_path, data) as (ops, cache, io, fh, ino):
+        io.hold = "_open_path"
+        got: list[pyfuse3.EntryAttributes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def lookup() -> None:
+                got.append(await ops.lookup(pyfuse3.ROOT_INODE, b"img", FakeContext()))
+
+            nursery.start_soon(lookup)
+            await io.held.wait()  # its stat saw the file before the write-out
+            await _end_last_write_out(ops, cache, fh)
+            io.release.set()
+        assert got[0].st_size == len(data)
+        await ops.forget([(got[0].st_ino, 1)])
+    assert (tmp_path / "backing" / "img").read_bytes() == data
+
+
+async def test_readdirplus_never_returns_a_stat_overtaken_by_the_last_write_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = b"y" * 7000
+    sent: dict[bytes, pyfuse3.EntryAttributes] = {}
+
+    def readdir_reply(token, name, attrs, next_id):  # the kernel's side of readdirplus
+        sent[name] = attrs
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", readdir_reply)
+    async with ops_with_buffered_file(tmp_path, data) as (ops, cache, io, fh, ino):
+        dfh = await ops.opendir(pyfuse3.ROOT_INODE, FakeContext())
+        io.hold = "_scan"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.readdir, dfh, 0, None)
+            await io.held.wait()
+            await _end_last_write_out(ops, cache, fh)
+            io.release.set()
+        await ops.releasedir(dfh)
+        assert sent[b"img"].st_size == len(data)
+        await ops.forget([(sent[b"img"].st_ino, 1)])
+    assert (tmp_path / "backing" / "img").read_bytes() == data
+
+
+async def test_open_never_sizes_its_cached_file_from_an_overtaken_stat(
+        tmp_path: Path) -> None:
+    """Two opens of a file with no CachedFile race: B's backing stat is taken
+    first, then A attaches, writes, closes, and A's data is written out and its
+    CachedFile dropped before B goes on. B's CachedFile must have the size A
+    wrote (a smaller one would cut the file back at B's next write-out)."""
+    data = b"z" * 6000
+    async with ops_with_buffered_file(tmp_path, data) as (ops, cache, io, fh, ino):
+        await _end_last_write_out(ops, cache, fh)
+        io.hold = "_open_backing"
+        opened: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def open_b() -> None:
+                opened.append((await ops.open(ino, os.O_RDWR, FakeContext())).fh)
+
+            nursery.start_soon(open_b)
+            await io.held.wait()  # B's stat sees 6000 bytes
+            info = await ops.open(ino, os.O_RDWR, FakeContext())  # A
+            assert await ops.write(info.fh, 6000, b"w" * 1000) == 1000
+            await _end_last_write_out(ops, cache, info.fh)
+            io.release.set()
+        attrs = await ops.getattr(ino, FakeContext())
+        assert attrs.st_size == 7000
+        assert await ops.write(opened[0], 100, b"q") == 1
+        await ops.release(opened[0])
+        await cache.flush_all()
+    assert (tmp_path / "backing" / "img").read_bytes() == \
+        data[:100] + b"q" + data[101:] + b"w" * 1000
+
+
+class SizeWatchIO(BackingIO):
+    """Real threads; records the backing file's size right after every pwrite."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.sizes: list[int] = []
+
+    def pwrite_all(self, fd, view, offset, name):
+        super().pwrite_all(fd, view, offset, name)
+        self.sizes.append(os.fstat(fd).st_size)
+
+
+async def test_a_write_out_never_makes_backing_larger_than_the_file(tmp_path: Path) -> None:
+    """O_DIRECT writes whole blocks; a write-out ending in a partial block past
+    EOF must not pad the backing file, not even for a moment (a crash then, or
+    a stat then, would keep a size no client set)."""
+    backing = tmp_path / "img"
+    backing.write_bytes(b"")
+    io = SizeWatchIO(2)
+    async with WriteCache.running(io, Stats(), buffer_size=64 * 1024, max_dirty=1 << 20,
+                                  buffers_per_file=2, flush_delay=60.0, align=4096) as cache:
+        st = os.stat(backing)
+        cf = await cache.attach((st.st_dev, st.st_ino),
+                                lambda flags: os.open(backing, flags), "img")
+        await cf.write(0, b"a" * 10000)
+        await cf.fsync(False)
+        await cf.write(10000, b"b" * 70000)  # two windows, the last one partial
+        await cf.fsync(False)
+        cache.detach(cf)
+    assert io.sizes and max(io.sizes) <= 80000, io.sizes
+    assert backing.read_bytes() == b"a" * 10000 + b"b" * 70000
