@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pyfuse3
@@ -29,6 +30,7 @@ from .config import ConfigError, MountConfig
 from .control import ControlFile
 from .exitcodes import ExitCode
 from .operations import Operations
+from .read_ahead import ReadAhead
 from .sizes import format_size
 from .stats import Stats
 from .write_cache import WriteCache
@@ -188,18 +190,20 @@ class Daemon:
         sync_fd = os.open(f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         mounted = False
         try:
-            async with WriteCache.running(
+            readahead_running = ReadAhead.running(
+                io, self.stats, align=self.align, max_window=cfg.readahead,
+                budget=cfg.readahead_memory) if cfg.readahead else nullcontext(None)
+            async with readahead_running as readahead, WriteCache.running(
                     io, self.stats, buffer_size=cfg.buffer_size, max_dirty=cfg.max_dirty,
                     buffers_per_file=cfg.effective_buffers_per_file,
-                    flush_delay=cfg.flush_delay,
-                    align=self.align, sync_fd=sync_fd, readahead_window=cfg.readahead,
-                    readahead_memory=cfg.readahead_memory) as cache:
+                    flush_delay=cfg.flush_delay, align=self.align, sync_fd=sync_fd,
+                    on_backing_changed=readahead.invalidate if readahead else None) as cache:
                 self.cache = cache
                 st = os.stat(cfg.mountpoint)
                 control = ControlFile(st.st_uid if os.geteuid() == 0 else os.geteuid(),
                                       st.st_gid, self.stats_dict, self._flush_request,
                                       self._umount_request)
-                self.ops = Operations(root_fd, io, cache, control)
+                self.ops = Operations(root_fd, io, cache, readahead=readahead, control=control)
                 try:
                     pyfuse3.init(self.ops, str(cfg.mountpoint), self._fuse_options())
                 except RuntimeError as exc:

@@ -19,7 +19,7 @@ import inspect
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,7 @@ from . import syscalls
 from .backing_io import BackingIO
 from .control import ControlFile
 from .inodes import Inode, InodeTable
-from .read_ahead import FileReadAhead, SequentialState
-from .stats import Stats
+from .read_ahead import FileReadAhead, ReadAhead, SequentialState
 from .write_cache import CachedFile, WriteCache
 
 log = logging.getLogger(__name__)
@@ -113,13 +112,16 @@ class Operations(pyfuse3.Operations):
     #: The kernel enforces POSIX ACLs (read through getxattr) like mode bits.
     enable_acl = True
 
-    def __init__(self, root_fd: int, io: BackingIO, cache: WriteCache | None,
+    def __init__(self, root_fd: int, io: BackingIO, cache: WriteCache, *,
+                 readahead: ReadAhead | None = None,
                  control: ControlFile | None = None) -> None:
         super().__init__()
         self.inodes = InodeTable(root_fd)
         self.io = io
         self.cache = cache
-        self.stats = cache.stats if cache is not None else Stats()
+        #: Read-ahead for sequential readers, or None when it is off.
+        self.readahead = readahead
+        self.stats = cache.stats
         self.control = control
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -156,13 +158,12 @@ class Operations(pyfuse3.Operations):
         entry.st_atime_ns = st.st_atime_ns
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
-        if self.cache is not None:
-            cf = self.cache.files.get(inode.key)
-            if cf is not None:
-                entry.st_size = cf.size
-                if cf.mtime_ns is not None:
-                    entry.st_mtime_ns = cf.mtime_ns
-                    entry.st_ctime_ns = max(st.st_ctime_ns, cf.mtime_ns)
+        cf = self.cache.cached(inode.key)
+        if cf is not None:
+            entry.st_size = cf.size
+            if cf.mtime_ns is not None:
+                entry.st_mtime_ns = cf.mtime_ns
+                entry.st_ctime_ns = max(st.st_ctime_ns, cf.mtime_ns)
         return entry
 
     @staticmethod
@@ -290,14 +291,14 @@ class Operations(pyfuse3.Operations):
         node = self._inode(inode)
         is_link = stat.S_ISLNK(node.mode)
         if fields.update_size:
-            cf = self.cache.files.get(node.key) if self.cache else None
+            cf = self.cache.cached(node.key)
             if cf is not None:
                 await cf.truncate(attr.st_size)
             elif fh is not None and fh in self._handles:
                 await self.io.meta(os.ftruncate, self._handles[fh].fd, attr.st_size)
             else:
                 await self.io.meta(os.truncate, node.proc_path, attr.st_size)
-            if cf is None and self.cache is not None:
+            if cf is None:
                 self.cache.backing_changed(node.key)
         if fields.update_mode:
             if is_link:
@@ -311,7 +312,7 @@ class Operations(pyfuse3.Operations):
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
             await self.io.meta(self._set_times, node, atime, mtime)
-            cf = self.cache.files.get(node.key) if self.cache else None
+            cf = self.cache.cached(node.key)
             if cf is not None and mtime is not None:
                 cf.mtime_ns = mtime  # kept through later write-outs
         return await self._fresh_attrs(node)
@@ -546,23 +547,21 @@ class Operations(pyfuse3.Operations):
         fd = await self.io.meta(os.open, node.proc_path, backing_flags)
         handle = Handle(node, fd, flags)
         try:
-            if writable and self.cache is not None:
+            if writable:
                 handle.cached = await self.cache.attach(node.key, self._reopen(node), node.name)
             if flags & os.O_TRUNC:
-                cf = handle.cached or (self.cache.files.get(node.key) if self.cache else None)
+                cf = handle.cached or self.cache.cached(node.key)
                 if cf is not None:
                     await cf.truncate(0)
                 else:
                     await self.io.meta(os.truncate, node.proc_path, 0)
-                    if self.cache is not None:
-                        self.cache.backing_changed(node.key)
+                    self.cache.backing_changed(node.key)
             readable = flags & os.O_ACCMODE != os.O_WRONLY
-            if readable and self.cache is not None and self.cache.readahead is not None:
-                handle.ra = await self.cache.readahead.attach(node.key, self._reopen(node),
-                                                              node.name)
+            if readable and self.readahead is not None:
+                handle.ra = await self.readahead.attach(node.key, self._reopen(node), node.name)
         except BaseException:
             if handle.cached is not None:
-                self.cache.detach(handle.cached)  # type: ignore[union-attr]
+                self.cache.detach(handle.cached)
             os.close(fd)
             raise
         fh = self._new_fh()
@@ -615,40 +614,40 @@ class Operations(pyfuse3.Operations):
         return info, await self._fresh_attrs(node)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """Buffered bytes overlaid on BACKING; BACKING read ahead or plainly."""
         handle = self._handles[fh]
         sequential = handle.seq.note(off, size)
         try:
-            return await self._read(handle, sequential, off, size)
+            cf = handle.cached or self.cache.cached(handle.inode.key)
+            backing_read = self._backing_reader(handle, sequential, cf)
+            if cf is not None:
+                return await cf.read(off, size, backing_read)
+            self.stats.read_requests += 1
+            data = await backing_read(off, size)
+            self.stats.read_bytes += len(data)
+            return data
         finally:
             handle.seq.done()
 
-    async def _read(self, handle: Handle, sequential: bool, off: int, size: int) -> bytes:
-        stats = self.stats
+    def _backing_reader(self, handle: Handle, sequential: bool, cf: CachedFile | None) \
+            -> Callable[[int, int], Awaitable[bytes]]:
+        """How a read reaches BACKING: through read-ahead, or a plain pread.
 
-        async def plain(o: int, n: int) -> bytes:
-            data = await self.io.data(self.io.pread, handle.fd, n, o, handle.inode.name)
-            stats.backing_reads += 1
-            stats.backing_read_bytes += len(data)
-            return data
+        No read-ahead while the file has buffered writes: each write-out drops
+        the file's read-ahead, and the reads of a writer (QEMU's and
+        qemu-img's read-modify-write of partial blocks) would pull whole
+        windows off the disk for a few bytes each.
+        """
+        plain = functools.partial(self._pread, handle)
+        if handle.ra is None or self.readahead is None or (cf is not None and cf.dirty):
+            return plain
+        return functools.partial(self.readahead.read, handle.ra, handle.seq, sequential,
+                                 fallback=plain)
 
-        cf = handle.cached or (self.cache.files.get(handle.inode.key) if self.cache else None)
-        backing_read = plain
-        # No read-ahead while the file has buffered writes: each write-out drops
-        # the file's read-ahead, and the reads of a writer (QEMU's and
-        # qemu-img's read-modify-write of partial blocks) would pull whole
-        # windows off the disk for a few bytes each.
-        if handle.ra is not None and (cf is None or not cf.dirty):
-            readahead = self.cache.readahead  # type: ignore[union-attr]
-            ra = handle.ra
-
-            async def backing_read(o: int, n: int) -> bytes:
-                return await readahead.read(ra, handle.seq, sequential, o, n, plain)
-
-        if cf is not None:
-            return await cf.read(off, size, backing_read)
-        stats.read_requests += 1
-        data = await backing_read(off, size)
-        stats.read_bytes += len(data)
+    async def _pread(self, handle: Handle, off: int, size: int) -> bytes:
+        data = await self.io.data(self.io.pread, handle.fd, size, off, handle.inode.name)
+        self.stats.backing_reads += 1
+        self.stats.backing_read_bytes += len(data)
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -679,7 +678,7 @@ class Operations(pyfuse3.Operations):
         # A read-only handle: write out what other handles buffered, then sync
         # through this handle's own descriptor (the CachedFile may be released,
         # and its descriptor closed, meanwhile).
-        cf = self.cache.files.get(handle.inode.key) if self.cache else None
+        cf = self.cache.cached(handle.inode.key)
         if cf is not None:
             await cf.write_back("fsync")
         await self.io.data(self.io.sync, handle.fd, datasync, handle.inode.name)
@@ -689,11 +688,10 @@ class Operations(pyfuse3.Operations):
         self._drop_handle(handle)
 
     def _drop_handle(self, handle: Handle) -> None:
-        if self.cache is not None:
-            if handle.cached is not None:
-                self.cache.detach(handle.cached)
-            if handle.ra is not None and self.cache.readahead is not None:
-                self.cache.readahead.detach(handle.ra, handle.seq)
+        if handle.cached is not None:
+            self.cache.detach(handle.cached)
+        if handle.ra is not None and self.readahead is not None:
+            self.readahead.detach(handle.ra, handle.seq)
         os.close(handle.fd)
 
     # -- extended attributes ---------------------------------------------------

@@ -34,7 +34,8 @@ import logging
 import mmap
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -180,6 +181,13 @@ class FileReadAhead:
 
 
 class ReadAhead:
+    """Read-ahead of every file of one mount, within one memory budget.
+
+    Kept coherent by the write cache: ``invalidate(key)`` whenever a file's
+    backing bytes change. Handles ``attach``/``detach``; reads go through
+    ``read`` with the handle's :class:`SequentialState`.
+    """
+
     def __init__(self, io: BackingIO, stats: Stats, *, align: int, max_window: int,
                  budget: int, nursery: trio.Nursery) -> None:
         self.io = io
@@ -200,9 +208,18 @@ class ReadAhead:
         #: Sequential streams, oldest read first; idle ones are pruned lazily.
         self._streams: OrderedDict[SequentialState, None] = OrderedDict()
 
-    @property
-    def enabled(self) -> bool:
-        return self.budget > 0
+    @classmethod
+    @asynccontextmanager
+    async def running(cls, io: BackingIO, stats: Stats, *, align: int, max_window: int,
+                      budget: int) -> AsyncIterator[ReadAhead]:
+        """Read-ahead with a nursery for its background fetches, cancelled on exit."""
+        async with trio.open_nursery() as nursery:
+            readahead = cls(io, stats, align=align, max_window=max_window, budget=budget,
+                            nursery=nursery)
+            try:
+                yield readahead
+            finally:
+                nursery.cancel_scope.cancel()
 
     @property
     def held_bytes(self) -> int:

@@ -46,7 +46,6 @@ from . import syscalls
 from .backing_io import BackingIO
 from .buffer_pool import BufferPool
 from .ranges import RangeSet
-from .read_ahead import ReadAhead
 from .stat_fence import StatFence
 from .stats import Stats
 
@@ -295,8 +294,8 @@ class WriteCache:
 
     def __init__(self, io: BackingIO, stats: Stats, *, buffer_size: int, max_dirty: int,
                  buffers_per_file: int, flush_delay: float, align: int,
-                 sync_fd: int | None = None, readahead_window: int = 0,
-                 readahead_memory: int = 0) -> None:
+                 sync_fd: int | None = None,
+                 on_backing_changed: Callable[[Key], None] | None = None) -> None:
         self.io = io
         #: A descriptor on BACKING for syncfs (flush/unmount), or None.
         self.sync_fd = sync_fd
@@ -315,11 +314,10 @@ class WriteCache:
         self.filling: OrderedDict[Buffer, None] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self._warned_no_direct = False
-        self._readahead_args = (readahead_window, readahead_memory)
+        #: Told when a file's backing bytes change (read-ahead drops what it holds).
+        self._on_backing_changed = on_backing_changed
         #: Tells stats of BACKING taken while a CachedFile ended (see stat_fence).
         self.fence = StatFence()
-        #: Read-ahead for sequential readers; kept coherent by this cache.
-        self.readahead: ReadAhead | None = None
 
     @classmethod
     @asynccontextmanager
@@ -329,10 +327,6 @@ class WriteCache:
         cache = cls(io, stats, **kwargs)  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
             cache._nursery = nursery
-            window, memory = cache._readahead_args
-            if window and memory:
-                cache.readahead = ReadAhead(io, stats, align=cache.align, max_window=window,
-                                            budget=memory, nursery=nursery)
             nursery.start_soon(cache._age_loop)
             try:
                 yield cache
@@ -477,10 +471,14 @@ class WriteCache:
         of order reaches its end before it is complete: that does not count."""
         return len(buf.ranges) == 1 and buf.ranges.last() == self.buffer_size
 
+    def cached(self, key: Key) -> CachedFile | None:
+        """The CachedFile of *key*, if the file has one now."""
+        return self.files.get(key)
+
     def backing_changed(self, key: Key) -> None:
-        """BACKING changed under read-ahead (write-out, truncate): drop what it holds."""
-        if self.readahead is not None:
-            self.readahead.invalidate(key)
+        """BACKING changed (write-out, truncate): tell whoever holds copies of it."""
+        if self._on_backing_changed is not None:
+            self._on_backing_changed(key)
 
     def _memory_coming_back(self) -> bool:
         """Some sealed buffer is being written out: waiting frees memory.
