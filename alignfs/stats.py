@@ -22,6 +22,8 @@ class Stats:
     read_bytes: int = 0
     #: reads answered entirely from buffered data (no backing read)
     reads_from_buffers: int = 0
+    #: reads that touched a known hole of BACKING (answered with zeros, not read)
+    hole_reads: int = 0
     # what reached BACKING
     backing_writes: int = 0
     backing_write_bytes: int = 0

@@ -87,7 +87,7 @@ class CachedFile:
     """Buffered state of one backing file, shared by all its open handles."""
 
     def __init__(self, cache: WriteCache, key: Key, fd: int, direct: bool, size: int,
-                 name: str) -> None:
+                 name: str, holes: RangeSet | None = None) -> None:
         self.cache = cache
         self.key = key
         #: Backing descriptor used for write-out, RMW reads and fsync (O_DIRECT if direct).
@@ -101,6 +101,10 @@ class CachedFile:
         self.size = size
         #: Size of the backing file as this daemon last left it.
         self.backing_size = size
+        #: Ranges of BACKING known to read as zeros: holes found when the file
+        #: was attached, less everything written since. A read of them needs no
+        #: backing read (QEMU's padding reads of a sparse image's next block).
+        self.holes = holes if holes is not None else RangeSet()
         #: Buffers still accepting writes, by window start, least recently written first.
         self.filling: OrderedDict[int, Buffer] = OrderedDict()
         #: Sealed buffers waiting for (or in) write-out, in write order.
@@ -137,6 +141,8 @@ class CachedFile:
         pos, end = off, off + len(data)
         if end > cache.max_offset:
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        if self.holes:
+            self.holes.remove(off, end)
         while pos < end:
             window = pos - pos % bsize
             buf = self.filling.get(window)
@@ -180,6 +186,12 @@ class CachedFile:
         for b in bufs:
             for s, e in b.ranges.intersect(off - b.window, end - b.window):
                 covered.add(b.window + s, b.window + e)
+        if self.holes:
+            known_zero = list(self.holes.intersect(off, end))
+            for s, e in known_zero:
+                covered.add(s, e)  # ``out`` starts as zeros
+            if known_zero:
+                stats.hole_reads += 1
         gaps = covered.gaps(off, min(end, self.backing_size))
         if gaps:
             # Snapshot buffered bytes before awaiting: a buffer may be written
@@ -346,24 +358,25 @@ class WriteCache:
         if cf is None:
             with self.fence.open():
                 mark = self.fence.mark()
-                fd, direct, size = await self.io.meta(self._open_backing, reopen)
+                fd, direct = await self.io.meta(self._open_backing, reopen)
+                size, holes = await self.io.meta(_layout, fd)
                 cf = self.files.get(key)
                 if cf is None:
-                    # The size is the file's only if no CachedFile of it ended
-                    # since the stat (another open's, written out meanwhile).
+                    # The layout is the file's only if no CachedFile of it ended
+                    # since (another open's, written out meanwhile).
                     while self.fence.stale(key, mark):
                         mark = self.fence.mark()
-                        size = (await self.io.meta(os.fstat, fd)).st_size
+                        size, holes = await self.io.meta(_layout, fd)
                     cf = self.files.get(key)
                 if cf is None:
-                    cf = CachedFile(self, key, fd, direct, size, name)
+                    cf = CachedFile(self, key, fd, direct, size, name, holes)
                     self.files[key] = cf
                 else:
                     await self.io.meta(os.close, fd)
         cf.handles += 1
         return cf
 
-    def _open_backing(self, reopen: Callable[[int], int]) -> tuple[int, bool, int]:
+    def _open_backing(self, reopen: Callable[[int], int]) -> tuple[int, bool]:
         flags = os.O_RDWR | os.O_CLOEXEC
         direct = self.use_direct
         if direct:
@@ -380,7 +393,7 @@ class WriteCache:
                                 "the same aligned buffers (fsync still exact)")
         else:
             fd = reopen(flags)
-        return fd, direct, os.fstat(fd).st_size
+        return fd, direct
 
     def detach(self, cf: CachedFile) -> None:
         """One handle of *cf* was released."""
@@ -603,7 +616,8 @@ class WriteCache:
                     block = edge - edge % align
                     if not buf.ranges.covers(block, block + align):
                         partial.add(block)
-        to_read = sorted(b for b in partial if window + b < cf.backing_size)
+        to_read = sorted(b for b in partial if window + b < cf.backing_size
+                         and not self._gaps_in_holes(cf, buf, b))
         for block in partial.difference(to_read):
             for gs, ge in buf.ranges.gaps(block, block + align):
                 buf.view[gs:ge] = bytes(ge - gs)
@@ -628,6 +642,12 @@ class WriteCache:
             elif (window + start) % align or (end - start) % align:
                 self.stats.unaligned_backing_writes += 1
         cf.backing_size = max(cf.backing_size, window + plan[-1][1])
+
+    def _gaps_in_holes(self, cf: CachedFile, buf: Buffer, block: int) -> bool:
+        """The bytes of *block* the buffer lacks are all in known holes (zeros)."""
+        base = buf.window
+        return all(cf.holes.covers(base + gs, base + ge)
+                   for gs, ge in buf.ranges.gaps(block, block + self.align))
 
     def _plan_writes(self, cf: CachedFile, window: int, extents: list[list[int]],
                      size: int) -> list[tuple[int, int, bool]]:
@@ -744,3 +764,33 @@ class WriteCache:
                 del self.files[cf.key]
                 self._close_file(cf)
         self.pool.close()
+
+
+#: At most this many holes are remembered per file (a fragmented sparse file
+#: keeps the first ones; the rest are read from BACKING as before).
+MAX_HOLES = 64
+
+
+def _layout(fd: int) -> tuple[int, RangeSet]:
+    """Worker thread: the backing file's size and (some of) its holes."""
+    size = os.fstat(fd).st_size
+    holes = RangeSet()
+    pos = 0
+    try:
+        while pos < size and len(holes) < MAX_HOLES:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = size  # nothing but a hole up to EOF
+            if data > pos:
+                holes.add(pos, min(data, size))
+            if data >= size:
+                break
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        return size, RangeSet()  # no SEEK_DATA here: no holes known
+    return size, holes

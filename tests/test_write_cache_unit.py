@@ -1151,3 +1151,47 @@ async def test_read_ahead_fetch_failure_raises_the_backing_error(tmp_path: Path)
         os.close(fd)
         readahead.detach(ra)
         assert readahead.held_bytes == 0  # nothing leaked, spare memory given back
+
+
+# -- known holes: reads and RMW of a sparse file's never-written blocks -----------------------
+
+
+async def test_known_holes_are_read_as_zeros_without_backing_reads(backing: Path) -> None:
+    """A sparse image (``qemu-img create``): QEMU's padding reads of blocks never
+    written, and the read-modify-write of partly written blocks in a hole, need
+    no backing read; bytes written (and written out) are read back from BACKING."""
+    head = random.Random(5).randbytes(8192)
+    with open(backing, "r+b") as f:
+        f.write(head)
+        f.truncate(4 * B)  # data [0, 8192), then a hole to 4 B
+    backing_reads: list[tuple[int, int]] = []
+
+    async def read_backing(off: int, size: int) -> bytes:
+        backing_reads.append((off, size))
+        return os.pread(rfd_, size, off)
+
+    rfd_ = os.open(backing, os.O_RDONLY)
+    stats = Stats()
+    try:
+        async with running_cache(BackingIO(2), stats) as cache:
+            cf = await attach(cache, backing)
+            assert list(cf.holes) == [(8192, 4 * B)]
+            assert await cf.read(B, 4096, read_backing) == bytes(4096)
+            assert backing_reads == [] and stats.hole_reads == 1
+            await cf.write(B + 100, b"w" * 50)  # a partial block inside the hole
+            assert await cf.read(B, 4096, read_backing) == bytes(100) + b"w" * 50 + bytes(3946)
+            assert backing_reads == []
+            await cf.fsync(False)
+            assert stats.rmw_block_reads == 0  # the rest of the block is a known hole
+            assert read_direct(backing)[B:B + 4096] == bytes(100) + b"w" * 50 + bytes(3946)
+            # written out: those bytes are no hole any more, so they come from BACKING
+            assert await cf.read(B + 100, 50, read_backing) == b"w" * 50
+            assert backing_reads == [(B + 100, 50)]
+            # a partial write next to real data still reads its block back
+            await cf.write(4000, b"x" * 10)
+            await cf.fsync(False)
+            assert stats.rmw_block_reads == 1
+            assert read_direct(backing)[:8192] == head[:4000] + b"x" * 10 + head[4010:]
+            cache.detach(cf)
+    finally:
+        os.close(rfd_)
