@@ -433,6 +433,7 @@ STATS_ROWS = [
     ("read-ahead hits", "readahead_hits", int),
     ("bytes read ahead", "readahead_bytes", format_size),
     ("read-ahead wasted", "readahead_wasted_bytes", format_size),
+    ("read-ahead errors", "readahead_errors", int),
     ("fsync requests", "fsyncs", int),
     ("backing fsyncs", "backing_fsyncs", int),
     ("dirty now", "dirty_bytes", format_size),

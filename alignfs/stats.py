@@ -33,6 +33,8 @@ class Stats:
     readahead_hits: int = 0
     readahead_bytes: int = 0
     readahead_wasted_bytes: int = 0
+    #: read-ahead fetches that failed (each a miss: its reads went to the backing file)
+    readahead_errors: int = 0
     fsyncs: int = 0
     backing_fsyncs: int = 0
     backing_errors: int = 0
