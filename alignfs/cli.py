@@ -323,7 +323,12 @@ def cmd_mount(ns: argparse.Namespace) -> int:
 
 # -- talking to a running daemon -------------------------------------------------
 
-def _control_error(mountpoint: Path, exc: OSError) -> int:
+def _control_error(mountpoint: Path, exc: OSError, writes_back: bool = False) -> int:
+    """Exit code (and message) for a failed control request.
+
+    A request that *writes_back* (flush, umount) fails with the errno of the
+    data it could not write, whatever that is (EIO, ENOSPC, EFBIG, ...).
+    """
     if exc.errno in (errno.EACCES, errno.EPERM):
         print(f"alignfs: permission denied: only root or the user who mounted "
               f"{mountpoint} may control it", file=sys.stderr)
@@ -332,8 +337,9 @@ def _control_error(mountpoint: Path, exc: OSError) -> int:
         print(f"alignfs: {mountpoint} is not an alignfs mount", file=sys.stderr)
         return ExitCode.NOT_ALIGNFS
     print(f"alignfs: {mountpoint}: {exc.strerror}", file=sys.stderr)
-    return ExitCode.UNWRITTEN_DATA if exc.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT) \
-        else ExitCode.INTERNAL
+    if writes_back or exc.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
+        return ExitCode.UNWRITTEN_DATA
+    return ExitCode.INTERNAL
 
 
 def _is_alignfs(mountpoint: Path) -> bool:
@@ -381,7 +387,7 @@ def cmd_umount(ns: argparse.Namespace) -> int:
         pid = int(query_stats(str(mp))["pid"])
         request(str(mp), XATTR_UMOUNT)
     except OSError as exc:
-        code = _control_error(mp, exc)
+        code = _control_error(mp, exc, writes_back=True)
         if code in (ExitCode.UNWRITTEN_DATA, ExitCode.INTERNAL):
             print(f"alignfs: buffered data could not be written; {mp} stays mounted so "
                   "nothing is lost. Fix BACKING and retry.", file=sys.stderr)
@@ -440,6 +446,7 @@ STATS_ROWS = [
     ("dirty peak", "peak_dirty_bytes", format_size),
     ("writer wait (s)", "writer_wait_seconds", lambda v: f"{v:.3f}"),
     ("backing errors", "backing_errors", int),
+    ("writes dropped (permanent error)", "lost_writes", int),
 ]
 
 
@@ -485,7 +492,11 @@ def cmd_flush(ns: argparse.Namespace) -> int:
     try:
         request(str(mp), XATTR_FLUSH)
     except OSError as exc:
-        return _control_error(mp, exc)
+        code = _control_error(mp, exc, writes_back=True)
+        if code == ExitCode.UNWRITTEN_DATA:
+            print("alignfs: some data is not on BACKING (still buffered, or dropped earlier "
+                  "in this mount); the daemon's log names files and offsets", file=sys.stderr)
+        return code
     return ExitCode.OK
 
 

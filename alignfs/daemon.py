@@ -68,6 +68,7 @@ class Daemon:
         self.ops: Operations | None = None
         self.align = 0
         self._stopping = False
+        self._sighup_running = False
         self._nursery: trio.Nursery | None = None
         self.exit_code = ExitCode.OK
 
@@ -82,14 +83,34 @@ class Daemon:
                    open_files=len(self.cache.files) if self.cache else 0)
         return out
 
+    @staticmethod
+    def _log_failures(what: str, failures: list[tuple[str, OSError]]) -> None:
+        for name, exc in failures:
+            log.error("%s: %s: %s", what, name, exc.strerror or exc)
+
     async def _flush_request(self) -> None:
+        """``alignfs flush``: fails (exit 6) if any data is not on BACKING, lost
+        earlier in this mount included."""
         assert self.cache is not None
         failures = await self.cache.flush_all("unmount")
         if failures:
+            self._log_failures("alignfs flush", failures)
             raise FUSEError(failures[0][1].errno or errno.EIO)
 
     async def _umount_request(self) -> None:
-        await self._flush_request()
+        """``alignfs umount``: write everything out, then stop.
+
+        While data stays buffered because its write-out fails, refuse (the
+        mount stays, so nothing is lost; a retry may work). Data already
+        dropped cannot be saved by staying: then stop, and exit 6.
+        """
+        assert self.cache is not None
+        failures = await self.cache.flush_all("unmount")
+        if failures:
+            self._log_failures("alignfs umount", failures)
+            if any(cf.error is not None and cf.dirty for cf in self.cache.files.values()):
+                raise FUSEError(failures[0][1].errno or errno.EIO)
+            self.exit_code = ExitCode.UNWRITTEN_DATA
         self._begin_stop("alignfs umount")
 
     def _begin_stop(self, why: str) -> None:
@@ -125,11 +146,28 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: writing everything back")
-                    assert self.cache is not None
-                    await self.cache.flush_all("unmount")
+                    # A task of its own: a SIGTERM must not wait behind it.
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._write_back_on_sighup)
                     continue
                 self._begin_stop(signal.Signals(signum).name)
+
+    async def _write_back_on_sighup(self) -> None:
+        """SIGHUP: write everything out and sync, without unmounting; log the outcome."""
+        assert self.cache is not None
+        if self._sighup_running:
+            log.info("SIGHUP: a write-back is already running")
+            return
+        self._sighup_running = True
+        log.info("SIGHUP: writing everything back")
+        try:
+            failures = await self.cache.flush_all("unmount")
+        finally:
+            self._sighup_running = False
+        if failures:
+            self._log_failures("SIGHUP write-back", failures)
+        else:
+            log.info("SIGHUP: everything is on BACKING")
 
     async def _announce_ready(self) -> None:
         # A worker thread stats the mountpoint while this thread serves it.
@@ -209,7 +247,10 @@ class Daemon:
                     nursery.cancel_scope.cancel()
                 self.ops.close_all()
                 # Leaving WriteCache.running writes out whatever is left.
-            if any(cf.dirty for cf in cache.files.values()):
+            if cache.unmount_failures or any(cf.dirty for cf in cache.files.values()):
+                # Whatever ended the mount (alignfs umount, umount -l,
+                # fusermount3 -u, a signal): data not on BACKING, still
+                # buffered or dropped earlier, means exit 6.
                 self.exit_code = ExitCode.UNWRITTEN_DATA
         finally:
             if mounted:

@@ -38,6 +38,9 @@ class Stats:
     fsyncs: int = 0
     backing_fsyncs: int = 0
     backing_errors: int = 0
+    #: writes dropped by a permanent write-out error (EFBIG), and their bytes
+    lost_writes: int = 0
+    lost_bytes: int = 0
     # memory
     dirty_bytes: int = 0
     peak_dirty_bytes: int = 0
