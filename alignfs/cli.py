@@ -16,9 +16,11 @@ import json
 import logging
 import logging.handlers
 import os
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from .sizes import format_size, parse_size
 
 log = logging.getLogger("alignfs")
 
+#: Where a daemon run by root leaves its exit code for ``alignfs umount``
+#: (other users: see status_dirs).
 STATUS_DIR = Path("/run/alignfs")
 
 #: mount(8) options that mean nothing to alignfs and are ignored.
@@ -277,7 +281,13 @@ def _run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
                 pass
 
     setup_logging(ready_fd is None, cfg.log_file, cfg.debug)
-    daemon = Daemon(cfg, on_ready=lambda: report("OK\n"))
+    status_file = status_file_for(os.getpid())
+    if status_file is None:
+        log.warning("no directory to leave the exit status in (tried %s): 'alignfs "
+                    "umount' will report the outcome as unknown (exit %d)",
+                    ", ".join(str(d) for d, _ in status_dirs(os.geteuid(), os.environ)),
+                    ExitCode.UNKNOWN)
+    daemon = Daemon(cfg, on_ready=lambda: report("OK\n"), status_file=status_file)
     try:
         code = daemon.run()
     except DaemonError as exc:
@@ -289,18 +299,58 @@ def _run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
     except Exception:
         log.exception("internal error")
         report(f"ERR {int(ExitCode.INTERNAL)} internal error (see the log)\n")
+        _write_status(ExitCode.INTERNAL, status_file)  # the mount may have been live
         return ExitCode.INTERNAL
-    _write_status(code)
+    _write_status(code, status_file)
     return code
 
 
-def _write_status(code: int) -> None:
-    """Leave the exit code for a waiting ``alignfs umount``."""
+def status_dirs(euid: int, environ: Mapping[str, str]) -> list[tuple[Path, int]]:
+    """Directories (and their modes) where a daemon of user *euid* may leave its
+    exit status, best first: /run/alignfs for root, else the user's runtime
+    directory, else a private directory in /tmp (as for root when /run fails)."""
+    dirs = [(STATUS_DIR, 0o755)] if euid == 0 else []
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        dirs.append((Path(runtime) / "alignfs", 0o700))
+    dirs.append((Path(f"/run/user/{euid}/alignfs"), 0o700))
+    dirs.append((Path(f"/tmp/alignfs-{euid}"), 0o700))
+    return list(dict.fromkeys(dirs))
+
+
+def _usable_status_dir(path: Path, mode: int, euid: int) -> bool:
+    """*path* exists (made if need be), is this user's, and no one else may write it."""
     try:
-        STATUS_DIR.mkdir(mode=0o755, exist_ok=True)
-        (STATUS_DIR / f"{os.getpid()}.exit").write_text(f"{int(code)}\n")
+        path.mkdir(mode=mode, exist_ok=True)
+        st = os.lstat(path)
     except OSError:
-        pass
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == euid and not st.st_mode & 0o022
+            and os.access(path, os.W_OK | os.X_OK))
+
+
+def status_file_for(pid: int) -> Path | None:
+    """Where the daemon *pid* (this process) will leave its exit code, or None."""
+    euid = os.geteuid()
+    for path, mode in status_dirs(euid, os.environ):
+        if _usable_status_dir(path, mode, euid):
+            return path / f"{pid}.exit"
+    return None
+
+
+def _write_status(code: int, path: Path | None) -> None:
+    """Leave the exit code for a waiting ``alignfs umount`` (which reads the path
+    from the daemon's stats); say so in the log if that is impossible."""
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(f"{int(code)}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.error("cannot leave the exit status %d in %s: %s; 'alignfs umount' will "
+                  "report the outcome as unknown (exit %d)", code, path, exc.strerror,
+                  ExitCode.UNKNOWN)
 
 
 def cmd_mount(ns: argparse.Namespace) -> int:
@@ -384,7 +434,10 @@ def cmd_umount(ns: argparse.Namespace) -> int:
         print(f"alignfs: {mp} is not an alignfs mount", file=sys.stderr)
         return ExitCode.NOT_ALIGNFS
     try:
-        pid = int(query_stats(str(mp))["pid"])
+        stats = query_stats(str(mp))
+        pid = int(stats["pid"])
+        # A daemon tells where it leaves its exit code (None: nowhere it could).
+        status = stats.get("status_file", str(STATUS_DIR / f"{pid}.exit"))
         request(str(mp), XATTR_UMOUNT)
     except OSError as exc:
         code = _control_error(mp, exc, writes_back=True)
@@ -399,12 +452,15 @@ def cmd_umount(ns: argparse.Namespace) -> int:
             print(f"alignfs: daemon {pid} still running after {ns.timeout}s", file=sys.stderr)
             return ExitCode.TIMEOUT
         time.sleep(0.02)
-    status = STATUS_DIR / f"{pid}.exit"
     try:
-        code = int(status.read_text())
-        status.unlink()
-    except (OSError, ValueError):
-        code = ExitCode.OK
+        code = int(Path(status).read_text())
+        Path(status).unlink()
+    except (OSError, ValueError, TypeError):
+        # Never success by default: the daemon may have exited 6.
+        print(f"alignfs: daemon {pid} exited without leaving its exit status "
+              f"({status or 'it had no place for it'}): whether everything reached "
+              "BACKING is unknown; see its log", file=sys.stderr)
+        return ExitCode.UNKNOWN
     if code != ExitCode.OK:
         print(f"alignfs: the daemon reported unwritten data (exit {code}); see its log",
               file=sys.stderr)

@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -60,9 +61,12 @@ def _first(group: BaseExceptionGroup, kind: type[DaemonError]) -> DaemonError | 
 
 
 class Daemon:
-    def __init__(self, config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, config: MountConfig, on_ready: Callable[[], None] | None = None,
+                 status_file: Path | None = None) -> None:
         self.config = config
         self.on_ready = on_ready
+        #: Where the exit code will be left for ``alignfs umount`` (told in stats).
+        self.status_file = status_file
         self.stats = Stats()
         self.cache: WriteCache | None = None
         self.ops: Operations | None = None
@@ -80,7 +84,8 @@ class Daemon:
                    backing=str(self.config.backing), buffer_size=self.config.buffer_size,
                    max_dirty=self.config.max_dirty, align=self.align,
                    buffers_per_file=self.config.effective_buffers_per_file,
-                   open_files=len(self.cache.files) if self.cache else 0)
+                   open_files=len(self.cache.files) if self.cache else 0,
+                   status_file=str(self.status_file) if self.status_file else None)
         return out
 
     @staticmethod

@@ -29,6 +29,9 @@ class ExitCode(enum.IntEnum):
     NOT_ALIGNFS = 8
     #: The control channel refused the caller (not root, not the mounting user).
     PERMISSION = 9
+    #: ``alignfs umount``: the daemon exited without leaving its exit status, so
+    #: whether all data reached BACKING is unknown (never reported as 0).
+    UNKNOWN = 10
 
 
 def describe() -> str:
@@ -45,5 +48,7 @@ def describe() -> str:
         ExitCode.TIMEOUT: "--timeout expired",
         ExitCode.NOT_ALIGNFS: "MOUNTPOINT is not an alignfs mount",
         ExitCode.PERMISSION: "control channel refused (not root or the mounting user)",
+        ExitCode.UNKNOWN: "umount: the daemon left no exit status; whether all data "
+        "reached BACKING is unknown (see its log)",
     }
     return "\n".join(f"  {int(code):2d}  {text[code]}" for code in ExitCode)

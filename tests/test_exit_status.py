@@ -14,20 +14,30 @@ must be 6, its log must name the file and the offset at the end, and the data
 must be on BACKING (EIO under ``alignfs umount``: the mount stays, the fault
 is cleared, the retry writes it) or reported lost. systemd stop is covered by
 ``scripts/systemd-check.sh`` (tests/test_service.py).
+
+The rest: the status channel for a mount by a user who cannot write
+/run/alignfs, and a status that cannot be left at all ("unknown", exit 10).
+Private mount namespaces keep their mounts off the host.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
+    ROOT,
     Mount,
+    alignfs_env,
     daemon_exit_status,
     errno_of,
     is_mounted,
@@ -129,3 +139,104 @@ def _daemons_of(path: Path) -> list[int]:
         if b"alignfs" in cmd and str(path).encode() in cmd and not pid_gone(int(p.name)):
             found.append(int(p.name))
     return found
+
+
+# -- the status channel ------------------------------------------------------------------
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A directory under /tmp that nobody can reach (pytest's tmp_path is 0700 root)."""
+    d = Path(tempfile.mkdtemp(prefix="alignfs-exit-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        for pid in _daemons_of(d):  # left in a namespace by a failure
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _in_namespace(script: str, *args: str, timeout: float = 120) \
+        -> subprocess.CompletedProcess[str]:
+    """*script* (sh) in a private mount namespace: its mounts die with it."""
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           script, "sh", *args], capture_output=True, text=True,
+                          env=alignfs_env(), timeout=timeout, cwd="/")
+
+
+AS_NOBODY = (f"setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups "
+             f"env -u XDG_RUNTIME_DIR PYTHONPATH={ROOT} {sys.executable}")
+
+
+def test_umount_of_a_non_root_mount_learns_exit_6(world_dir: Path) -> None:
+    """A mount by a user who cannot write /run/alignfs: the daemon's late exit
+    6 (data dropped) must reach ``alignfs umount`` (it read as 0: the status
+    was not written and a missing status counted as success).
+
+    The user is nobody, in a private mount namespace where /dev/fuse is
+    usable by everyone (it is 0600 on the host).
+    """
+    mp, back, logs = world_dir / "mnt", world_dir / "back", world_dir / "logs"
+    for d in (mp, back, logs):
+        d.mkdir()
+        os.chown(d, NOBODY, NOBODY)
+    faults = world_dir / "faults.json"
+    faults.write_text(json.dumps({"write": "EFBIG", "match": "lost"}))
+    faults.chmod(0o644)
+    log = logs / "log"
+    writer = (f"import os; fd = os.open('{mp}/lost.img', os.O_WRONLY | os.O_CREAT, 0o644); "
+              f"os.pwrite(fd, b'L' * 3000, {FAR}); os.close(fd)")
+    script = f"""
+        set -e
+        mknod {world_dir}/fuse c 10 229 && chmod 666 {world_dir}/fuse
+        mount --bind {world_dir}/fuse /dev/fuse
+        trap 'umount -l {mp} 2>/dev/null || true' EXIT
+        {AS_NOBODY} -m alignfs mount {mp} {back} --log {log} --fault-file {faults} \
+            --flush-delay 300
+        {AS_NOBODY} -c "{writer}"
+        i=0
+        until grep -q 'can never be written' {log}; do
+            i=$((i + 1)); [ $i -lt 500 ] || exit 99; sleep 0.02
+        done
+        rc=0; {AS_NOBODY} -m alignfs umount {mp} || rc=$?
+        echo "umount-exit=$rc"
+    """
+    private = Path(f"/tmp/alignfs-{NOBODY}")  # where nobody's daemon leaves its status
+    made = not private.exists()
+    try:
+        res = _in_namespace(script)
+    finally:
+        if made:
+            shutil.rmtree(private, ignore_errors=True)
+    assert "umount-exit=" in res.stdout, (res.returncode, res.stdout, res.stderr)
+    assert "umount-exit=6" in res.stdout, (res.stdout, res.stderr, log.read_text())
+    assert "unmounted" in log.read_text()
+
+
+def test_umount_with_no_exit_status_says_unknown(world_dir: Path) -> None:
+    """The daemon cannot leave its exit status (here: its status directory
+    became read-only): ``alignfs umount`` must say the outcome is unknown and
+    exit 10, not 0 as if everything had been written."""
+    mp, back = world_dir / "mnt", world_dir / "back"
+    mp.mkdir()
+    back.mkdir()
+    alignfs = f"{sys.executable} -m alignfs"
+    status_dir = ("import json, os, sys; s = json.load(sys.stdin); "
+                  "print(os.path.dirname(s.get('status_file', '/run/alignfs/x')))")
+    script = f"""
+        set -e
+        {alignfs} mount {mp} {back} --log {world_dir}/log
+        trap 'umount -l {mp} 2>/dev/null || true' EXIT
+        dir=$({alignfs} stats {mp} --json | {sys.executable} -c "{status_dir}")
+        mkdir -p "$dir"
+        mount -t tmpfs -o ro none "$dir"
+        rc=0; {alignfs} umount {mp} || rc=$?
+        echo "umount-exit=$rc"
+    """
+    res = _in_namespace(script)
+    assert "umount-exit=10" in res.stdout, (res.stdout, res.stderr)
+    assert "unknown" in res.stderr, res.stderr
