@@ -16,6 +16,7 @@ import json
 import logging
 import logging.handlers
 import os
+import select
 import stat
 import subprocess
 import sys
@@ -36,6 +37,12 @@ log = logging.getLogger("alignfs")
 #: Where a daemon run by root leaves its exit code for ``alignfs umount``
 #: (other users: see status_dirs).
 STATUS_DIR = Path("/run/alignfs")
+
+#: How long ``alignfs mount`` waits for a detached daemon to serve the mount.
+DEFAULT_START_TIMEOUT = 60.0
+
+#: How long a daemon that never got ready may take to stop before SIGKILL.
+STOP_GRACE = 10.0
 
 #: mount(8) options that mean nothing to alignfs and are ignored.
 IGNORED_MOUNT_OPTIONS = {"defaults", "noauto", "auto", "nofail", "_netdev", "rw", "user",
@@ -112,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached and log to stderr")
     m.add_argument("--debug", action="store_true", help="log every decision")
+    m.add_argument("--start-timeout", type=_positive_float, default=DEFAULT_START_TIMEOUT,
+                   metavar="SECONDS", help="give up (exit 7) if the detached daemon is not "
+                   "serving after this long; it is stopped and nothing stays mounted")
     m.add_argument("--log", type=Path, default=None, metavar="FILE",
                    help="log to FILE (default: stderr in the foreground, syslog otherwise)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -238,8 +248,9 @@ def _child_args(cfg: MountConfig, ready_fd: int) -> list[str]:
     return args
 
 
-def _spawn_daemon(cfg: MountConfig) -> int:
-    """Start the daemon detached; return once it is serving (or failed)."""
+def _spawn_daemon(cfg: MountConfig, timeout: float = DEFAULT_START_TIMEOUT) -> int:
+    """Start the daemon detached; return once it is serving (or failed, or
+    *timeout* seconds passed: then it is stopped and its mount removed)."""
     r, w = os.pipe()
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
@@ -254,8 +265,13 @@ def _spawn_daemon(cfg: MountConfig) -> int:
             stderr=subprocess.DEVNULL, cwd="/")
     finally:
         os.close(w)
-    with os.fdopen(r) as pipe:
-        message = pipe.read()
+    message = _read_ready(r, timeout)
+    if message is None:
+        print(f"alignfs: the daemon did not report ready within {timeout:g} s (is BACKING "
+              f"or MOUNTPOINT hanging?); stopped it, nothing is mounted (see its log: "
+              f"--log FILE, or syslog)", file=sys.stderr)
+        _stop_unready(proc, cfg.mountpoint)
+        return ExitCode.TIMEOUT
     if message.startswith("OK"):
         return ExitCode.OK
     if message.startswith("ERR"):
@@ -267,6 +283,45 @@ def _spawn_daemon(cfg: MountConfig) -> int:
     print(f"alignfs: the daemon exited with status {code} before the mount was ready "
           f"(see the log: --log FILE, or syslog)", file=sys.stderr)
     return ExitCode.INTERNAL
+
+
+def _read_ready(fd: int, timeout: float) -> str | None:
+    """The daemon's readiness line from the pipe *fd* ("" if it closed the pipe
+    without one), or None if none came within *timeout* seconds. Closes *fd*."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace")
+
+
+def _stop_unready(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    """Stop a daemon that never got ready: SIGTERM (a live mount is written back
+    and unmounted), SIGKILL after STOP_GRACE, then remove a mount it left."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            print(f"alignfs: daemon {proc.pid} does not exit even on SIGKILL (stuck in the "
+                  "kernel on BACKING?)", file=sys.stderr)
+            return
+    if is_stale(str(mountpoint)):
+        subprocess.run(["umount", "-i", "-l", str(mountpoint)], capture_output=True)
+        if is_stale(str(mountpoint)):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
 def _run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
@@ -368,7 +423,7 @@ def cmd_mount(ns: argparse.Namespace) -> int:
         return code
     if ns.foreground:
         return _run_foreground(cfg, ns.ready_fd)
-    return _spawn_daemon(cfg)
+    return _spawn_daemon(cfg, ns.start_timeout)
 
 
 # -- talking to a running daemon -------------------------------------------------

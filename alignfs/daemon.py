@@ -73,6 +73,7 @@ class Daemon:
         self.align = 0
         self._stopping = False
         self._sighup_running = False
+        self._io: BackingIO | None = None
         self._nursery: trio.Nursery | None = None
         self.exit_code = ExitCode.OK
 
@@ -175,6 +176,13 @@ class Daemon:
             log.info("SIGHUP: everything is on BACKING")
 
     async def _announce_ready(self) -> None:
+        faults = self._io.faults if self._io is not None else None
+        if faults is not None:
+            try:  # test hook: {"ready": "EIO"} in the fault file
+                await trio.to_thread.run_sync(faults.check, "ready", "")
+            except OSError:
+                log.warning("fault injected: never reporting readiness")
+                await trio.sleep_forever()
         # A worker thread stats the mountpoint while this thread serves it.
         await trio.to_thread.run_sync(os.stat, str(self.config.mountpoint))
         log.info("mounted %s on %s (buffers %s, max dirty %s, alignment %d)",
@@ -222,7 +230,7 @@ class Daemon:
 
     async def _main(self, root_fd: int) -> ExitCode:
         cfg = self.config
-        io = BackingIO(cfg.io_threads, cfg.fault_file, cfg.trace_file)
+        io = self._io = BackingIO(cfg.io_threads, cfg.fault_file, cfg.trace_file)
         sync_fd = os.open(f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         mounted = False
         try:

@@ -16,7 +16,8 @@ is cleared, the retry writes it) or reported lost. systemd stop is covered by
 ``scripts/systemd-check.sh`` (tests/test_service.py).
 
 The rest: the status channel for a mount by a user who cannot write
-/run/alignfs, and a status that cannot be left at all ("unknown", exit 10).
+/run/alignfs, a status that cannot be left at all ("unknown", exit 10), and
+``alignfs mount`` giving up on a daemon that never reports ready (exit 7).
 Private mount namespaces keep their mounts off the host.
 """
 
@@ -43,6 +44,7 @@ from conftest import (
     is_mounted,
     pid_gone,
     read_direct,
+    run_alignfs,
     set_faults,
     wait_until,
 )
@@ -240,3 +242,25 @@ def test_umount_with_no_exit_status_says_unknown(world_dir: Path) -> None:
     res = _in_namespace(script)
     assert "umount-exit=10" in res.stdout, (res.stdout, res.stderr)
     assert "unknown" in res.stderr, res.stderr
+
+
+def test_mount_gives_up_on_a_daemon_that_never_gets_ready(tmp_path: Path) -> None:
+    """``alignfs mount`` waits for the daemon's readiness report for at most
+    --start-timeout seconds: then it stops the daemon, leaves no mount, and
+    exits 7 with one clear line (it used to wait forever)."""
+    mp, back = tmp_path / "mnt", tmp_path / "back"
+    mp.mkdir()
+    back.mkdir()
+    faults = tmp_path / "faults.json"
+    set_faults(faults, {"ready": "EIO"})  # test hook: the daemon never reports ready
+    try:
+        res = run_alignfs("mount", str(mp), str(back), "--log", str(tmp_path / "log"),
+                          "--fault-file", str(faults), "--start-timeout", "2", timeout=60)
+        assert res.returncode == 7, (res.returncode, res.stderr)
+        assert "ready within 2" in res.stderr, res.stderr
+        assert wait_until(lambda: not is_mounted(mp), 10)
+        assert not _daemons_of(mp), "the daemon was left running"
+        assert "stopping (SIGTERM)" in (tmp_path / "log").read_text()  # a clean stop
+    finally:
+        if is_mounted(mp):
+            subprocess.run(["umount", "-i", "-l", str(mp)], capture_output=True)
