@@ -6,7 +6,9 @@ the mountpoint answers (checked from a worker thread: the trio thread that
 serves the mount must never touch it). On SIGTERM/SIGINT, on ``alignfs
 umount`` and on an external unmount, all buffered data is written out and
 fsync'd before the daemon unmounts and exits; the exit code says whether it
-all reached BACKING.
+all reached BACKING (6 if anything did not: still buffered, or dropped earlier
+in the mount). SIGHUP writes everything back without unmounting, in a task of
+its own so that a SIGTERM meanwhile is not held up.
 """
 
 from __future__ import annotations
