@@ -318,6 +318,9 @@ def _stop_unready(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
             print(f"alignfs: daemon {proc.pid} does not exit even on SIGKILL (stuck in the "
                   "kernel on BACKING?)", file=sys.stderr)
             return
+    status = status_file_for(proc.pid)  # nobody will wait for its exit status
+    if status is not None:
+        status.unlink(missing_ok=True)
     if is_stale(str(mountpoint)):
         subprocess.run(["umount", "-i", "-l", str(mountpoint)], capture_output=True)
         if is_stale(str(mountpoint)):
@@ -400,7 +403,11 @@ def _write_status(code: int, path: Path | None) -> None:
         return
     tmp = path.with_suffix(".tmp")
     try:
-        tmp.write_text(f"{int(code)}\n")
+        # An explicit mode: the daemon runs with umask 0, and a file others
+        # could write would let them turn a 6 into a 0.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{int(code)}\n")
         os.replace(tmp, path)
     except OSError as exc:
         log.error("cannot leave the exit status %d in %s: %s; 'alignfs umount' will "
