@@ -16,9 +16,12 @@ import json
 import logging
 import logging.handlers
 import os
+import select
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,15 @@ from .sizes import format_size, parse_size
 
 log = logging.getLogger("alignfs")
 
+#: Where a daemon run by root leaves its exit code for ``alignfs umount``
+#: (other users: see status_dirs).
 STATUS_DIR = Path("/run/alignfs")
+
+#: How long ``alignfs mount`` waits for a detached daemon to serve the mount.
+DEFAULT_START_TIMEOUT = 60.0
+
+#: How long a daemon that never got ready may take to stop before SIGKILL.
+STOP_GRACE = 10.0
 
 #: mount(8) options that mean nothing to alignfs and are ignored.
 IGNORED_MOUNT_OPTIONS = {"defaults", "noauto", "auto", "nofail", "_netdev", "rw", "user",
@@ -108,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached and log to stderr")
     m.add_argument("--debug", action="store_true", help="log every decision")
+    m.add_argument("--start-timeout", type=_positive_float, default=DEFAULT_START_TIMEOUT,
+                   metavar="SECONDS", help="give up (exit 7) if the detached daemon is not "
+                   "serving after this long; it is stopped and nothing stays mounted")
     m.add_argument("--log", type=Path, default=None, metavar="FILE",
                    help="log to FILE (default: stderr in the foreground, syslog otherwise)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -234,8 +248,9 @@ def _child_args(cfg: MountConfig, ready_fd: int) -> list[str]:
     return args
 
 
-def _spawn_daemon(cfg: MountConfig) -> int:
-    """Start the daemon detached; return once it is serving (or failed)."""
+def _spawn_daemon(cfg: MountConfig, timeout: float = DEFAULT_START_TIMEOUT) -> int:
+    """Start the daemon detached; return once it is serving (or failed, or
+    *timeout* seconds passed: then it is stopped and its mount removed)."""
     r, w = os.pipe()
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
@@ -250,8 +265,13 @@ def _spawn_daemon(cfg: MountConfig) -> int:
             stderr=subprocess.DEVNULL, cwd="/")
     finally:
         os.close(w)
-    with os.fdopen(r) as pipe:
-        message = pipe.read()
+    message = _read_ready(r, timeout)
+    if message is None:
+        print(f"alignfs: the daemon did not report ready within {timeout:g} s (is BACKING "
+              f"or MOUNTPOINT hanging?); stopped it, nothing is mounted (see its log: "
+              f"--log FILE, or syslog)", file=sys.stderr)
+        _stop_unready(proc, cfg.mountpoint)
+        return ExitCode.TIMEOUT
     if message.startswith("OK"):
         return ExitCode.OK
     if message.startswith("ERR"):
@@ -263,6 +283,48 @@ def _spawn_daemon(cfg: MountConfig) -> int:
     print(f"alignfs: the daemon exited with status {code} before the mount was ready "
           f"(see the log: --log FILE, or syslog)", file=sys.stderr)
     return ExitCode.INTERNAL
+
+
+def _read_ready(fd: int, timeout: float) -> str | None:
+    """The daemon's readiness line from the pipe *fd* ("" if it closed the pipe
+    without one), or None if none came within *timeout* seconds. Closes *fd*."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace")
+
+
+def _stop_unready(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    """Stop a daemon that never got ready: SIGTERM (a live mount is written back
+    and unmounted), SIGKILL after STOP_GRACE, then remove a mount it left."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            print(f"alignfs: daemon {proc.pid} does not exit even on SIGKILL (stuck in the "
+                  "kernel on BACKING?)", file=sys.stderr)
+            return
+    status = status_file_for(proc.pid)  # nobody will wait for its exit status
+    if status is not None:
+        status.unlink(missing_ok=True)
+    if is_stale(str(mountpoint)):
+        subprocess.run(["umount", "-i", "-l", str(mountpoint)], capture_output=True)
+        if is_stale(str(mountpoint)):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
 def _run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
@@ -277,7 +339,13 @@ def _run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
                 pass
 
     setup_logging(ready_fd is None, cfg.log_file, cfg.debug)
-    daemon = Daemon(cfg, on_ready=lambda: report("OK\n"))
+    status_file = status_file_for(os.getpid())
+    if status_file is None:
+        log.warning("no directory to leave the exit status in (tried %s): 'alignfs "
+                    "umount' will report the outcome as unknown (exit %d)",
+                    ", ".join(str(d) for d, _ in status_dirs(os.geteuid(), os.environ)),
+                    ExitCode.UNKNOWN)
+    daemon = Daemon(cfg, on_ready=lambda: report("OK\n"), status_file=status_file)
     try:
         code = daemon.run()
     except DaemonError as exc:
@@ -289,18 +357,62 @@ def _run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
     except Exception:
         log.exception("internal error")
         report(f"ERR {int(ExitCode.INTERNAL)} internal error (see the log)\n")
+        _write_status(ExitCode.INTERNAL, status_file)  # the mount may have been live
         return ExitCode.INTERNAL
-    _write_status(code)
+    _write_status(code, status_file)
     return code
 
 
-def _write_status(code: int) -> None:
-    """Leave the exit code for a waiting ``alignfs umount``."""
+def status_dirs(euid: int, environ: Mapping[str, str]) -> list[tuple[Path, int]]:
+    """Directories (and their modes) where a daemon of user *euid* may leave its
+    exit status, best first: /run/alignfs for root, else the user's runtime
+    directory, else a private directory in /tmp (as for root when /run fails)."""
+    dirs = [(STATUS_DIR, 0o755)] if euid == 0 else []
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        dirs.append((Path(runtime) / "alignfs", 0o700))
+    dirs.append((Path(f"/run/user/{euid}/alignfs"), 0o700))
+    dirs.append((Path(f"/tmp/alignfs-{euid}"), 0o700))
+    return list(dict.fromkeys(dirs))
+
+
+def _usable_status_dir(path: Path, mode: int, euid: int) -> bool:
+    """*path* exists (made if need be), is this user's, and no one else may write it."""
     try:
-        STATUS_DIR.mkdir(mode=0o755, exist_ok=True)
-        (STATUS_DIR / f"{os.getpid()}.exit").write_text(f"{int(code)}\n")
+        path.mkdir(mode=mode, exist_ok=True)
+        st = os.lstat(path)
     except OSError:
-        pass
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == euid and not st.st_mode & 0o022
+            and os.access(path, os.W_OK | os.X_OK))
+
+
+def status_file_for(pid: int) -> Path | None:
+    """Where the daemon *pid* (this process) will leave its exit code, or None."""
+    euid = os.geteuid()
+    for path, mode in status_dirs(euid, os.environ):
+        if _usable_status_dir(path, mode, euid):
+            return path / f"{pid}.exit"
+    return None
+
+
+def _write_status(code: int, path: Path | None) -> None:
+    """Leave the exit code for a waiting ``alignfs umount`` (which reads the path
+    from the daemon's stats); say so in the log if that is impossible."""
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    try:
+        # An explicit mode: the daemon runs with umask 0, and a file others
+        # could write would let them turn a 6 into a 0.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{int(code)}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.error("cannot leave the exit status %d in %s: %s; 'alignfs umount' will "
+                  "report the outcome as unknown (exit %d)", code, path, exc.strerror,
+                  ExitCode.UNKNOWN)
 
 
 def cmd_mount(ns: argparse.Namespace) -> int:
@@ -318,12 +430,17 @@ def cmd_mount(ns: argparse.Namespace) -> int:
         return code
     if ns.foreground:
         return _run_foreground(cfg, ns.ready_fd)
-    return _spawn_daemon(cfg)
+    return _spawn_daemon(cfg, ns.start_timeout)
 
 
 # -- talking to a running daemon -------------------------------------------------
 
-def _control_error(mountpoint: Path, exc: OSError) -> int:
+def _control_error(mountpoint: Path, exc: OSError, writes_back: bool = False) -> int:
+    """Exit code (and message) for a failed control request.
+
+    A request that *writes_back* (flush, umount) fails with the errno of the
+    data it could not write, whatever that is (EIO, ENOSPC, EFBIG, ...).
+    """
     if exc.errno in (errno.EACCES, errno.EPERM):
         print(f"alignfs: permission denied: only root or the user who mounted "
               f"{mountpoint} may control it", file=sys.stderr)
@@ -332,8 +449,9 @@ def _control_error(mountpoint: Path, exc: OSError) -> int:
         print(f"alignfs: {mountpoint} is not an alignfs mount", file=sys.stderr)
         return ExitCode.NOT_ALIGNFS
     print(f"alignfs: {mountpoint}: {exc.strerror}", file=sys.stderr)
-    return ExitCode.UNWRITTEN_DATA if exc.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT) \
-        else ExitCode.INTERNAL
+    if writes_back or exc.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
+        return ExitCode.UNWRITTEN_DATA
+    return ExitCode.INTERNAL
 
 
 def _is_alignfs(mountpoint: Path) -> bool:
@@ -378,10 +496,13 @@ def cmd_umount(ns: argparse.Namespace) -> int:
         print(f"alignfs: {mp} is not an alignfs mount", file=sys.stderr)
         return ExitCode.NOT_ALIGNFS
     try:
-        pid = int(query_stats(str(mp))["pid"])
+        stats = query_stats(str(mp))
+        pid = int(stats["pid"])
+        # A daemon tells where it leaves its exit code (None: nowhere it could).
+        status = stats.get("status_file", str(STATUS_DIR / f"{pid}.exit"))
         request(str(mp), XATTR_UMOUNT)
     except OSError as exc:
-        code = _control_error(mp, exc)
+        code = _control_error(mp, exc, writes_back=True)
         if code in (ExitCode.UNWRITTEN_DATA, ExitCode.INTERNAL):
             print(f"alignfs: buffered data could not be written; {mp} stays mounted so "
                   "nothing is lost. Fix BACKING and retry.", file=sys.stderr)
@@ -393,12 +514,15 @@ def cmd_umount(ns: argparse.Namespace) -> int:
             print(f"alignfs: daemon {pid} still running after {ns.timeout}s", file=sys.stderr)
             return ExitCode.TIMEOUT
         time.sleep(0.02)
-    status = STATUS_DIR / f"{pid}.exit"
     try:
-        code = int(status.read_text())
-        status.unlink()
-    except (OSError, ValueError):
-        code = ExitCode.OK
+        code = int(Path(status).read_text())
+        Path(status).unlink()
+    except (OSError, ValueError, TypeError):
+        # Never success by default: the daemon may have exited 6.
+        print(f"alignfs: daemon {pid} exited without leaving its exit status "
+              f"({status or 'it had no place for it'}): whether everything reached "
+              "BACKING is unknown; see its log", file=sys.stderr)
+        return ExitCode.UNKNOWN
     if code != ExitCode.OK:
         print(f"alignfs: the daemon reported unwritten data (exit {code}); see its log",
               file=sys.stderr)
@@ -433,12 +557,14 @@ STATS_ROWS = [
     ("read-ahead hits", "readahead_hits", int),
     ("bytes read ahead", "readahead_bytes", format_size),
     ("read-ahead wasted", "readahead_wasted_bytes", format_size),
+    ("read-ahead errors", "readahead_errors", int),
     ("fsync requests", "fsyncs", int),
     ("backing fsyncs", "backing_fsyncs", int),
     ("dirty now", "dirty_bytes", format_size),
     ("dirty peak", "peak_dirty_bytes", format_size),
     ("writer wait (s)", "writer_wait_seconds", lambda v: f"{v:.3f}"),
     ("backing errors", "backing_errors", int),
+    ("writes dropped (permanent error)", "lost_writes", int),
 ]
 
 
@@ -484,7 +610,11 @@ def cmd_flush(ns: argparse.Namespace) -> int:
     try:
         request(str(mp), XATTR_FLUSH)
     except OSError as exc:
-        return _control_error(mp, exc)
+        code = _control_error(mp, exc, writes_back=True)
+        if code == ExitCode.UNWRITTEN_DATA:
+            print("alignfs: some data is not on BACKING (still buffered, or dropped earlier "
+                  "in this mount); the daemon's log names files and offsets", file=sys.stderr)
+        return code
     return ExitCode.OK
 
 

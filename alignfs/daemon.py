@@ -6,7 +6,9 @@ the mountpoint answers (checked from a worker thread: the trio thread that
 serves the mount must never touch it). On SIGTERM/SIGINT, on ``alignfs
 umount`` and on an external unmount, all buffered data is written out and
 fsync'd before the daemon unmounts and exits; the exit code says whether it
-all reached BACKING.
+all reached BACKING (6 if anything did not: still buffered, or dropped earlier
+in the mount). SIGHUP writes everything back without unmounting, in a task of
+its own so that a SIGTERM meanwhile is not held up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import resource
 import signal
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -62,14 +65,19 @@ def _first(group: BaseExceptionGroup, kind: type[DaemonError]) -> DaemonError | 
 
 
 class Daemon:
-    def __init__(self, config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, config: MountConfig, on_ready: Callable[[], None] | None = None,
+                 status_file: Path | None = None) -> None:
         self.config = config
         self.on_ready = on_ready
+        #: Where the exit code will be left for ``alignfs umount`` (told in stats).
+        self.status_file = status_file
         self.stats = Stats()
         self.cache: WriteCache | None = None
         self.ops: Operations | None = None
         self.align = 0
         self._stopping = False
+        self._sighup_running = False
+        self._io: BackingIO | None = None
         self._nursery: trio.Nursery | None = None
         self.exit_code = ExitCode.OK
 
@@ -81,17 +89,38 @@ class Daemon:
                    backing=str(self.config.backing), buffer_size=self.config.buffer_size,
                    max_dirty=self.config.max_dirty, align=self.align,
                    buffers_per_file=self.config.effective_buffers_per_file,
-                   open_files=len(self.cache.files) if self.cache else 0)
+                   open_files=len(self.cache.files) if self.cache else 0,
+                   status_file=str(self.status_file) if self.status_file else None)
         return out
 
+    @staticmethod
+    def _log_failures(what: str, failures: list[tuple[str, OSError]]) -> None:
+        for name, exc in failures:
+            log.error("%s: %s: %s", what, name, exc.strerror or exc)
+
     async def _flush_request(self) -> None:
+        """``alignfs flush``: fails (exit 6) if any data is not on BACKING, lost
+        earlier in this mount included."""
         assert self.cache is not None
         failures = await self.cache.flush_all("unmount")
         if failures:
+            self._log_failures("alignfs flush", failures)
             raise FUSEError(failures[0][1].errno or errno.EIO)
 
     async def _umount_request(self) -> None:
-        await self._flush_request()
+        """``alignfs umount``: write everything out, then stop.
+
+        While data stays buffered because its write-out fails, refuse (the
+        mount stays, so nothing is lost; a retry may work). Data already
+        dropped cannot be saved by staying: then stop, and exit 6.
+        """
+        assert self.cache is not None
+        failures = await self.cache.flush_all("unmount")
+        if failures:
+            self._log_failures("alignfs umount", failures)
+            if any(cf.error is not None and cf.dirty for cf in self.cache.files.values()):
+                raise FUSEError(failures[0][1].errno or errno.EIO)
+            self.exit_code = ExitCode.UNWRITTEN_DATA
         self._begin_stop("alignfs umount")
 
     def _begin_stop(self, why: str) -> None:
@@ -127,13 +156,37 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: writing everything back")
-                    assert self.cache is not None
-                    await self.cache.flush_all("unmount")
+                    # A task of its own: a SIGTERM must not wait behind it.
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._write_back_on_sighup)
                     continue
                 self._begin_stop(signal.Signals(signum).name)
 
+    async def _write_back_on_sighup(self) -> None:
+        """SIGHUP: write everything out and sync, without unmounting; log the outcome."""
+        assert self.cache is not None
+        if self._sighup_running:
+            log.info("SIGHUP: a write-back is already running")
+            return
+        self._sighup_running = True
+        log.info("SIGHUP: writing everything back")
+        try:
+            failures = await self.cache.flush_all("unmount")
+        finally:
+            self._sighup_running = False
+        if failures:
+            self._log_failures("SIGHUP write-back", failures)
+        else:
+            log.info("SIGHUP: everything is on BACKING")
+
     async def _announce_ready(self) -> None:
+        faults = self._io.faults if self._io is not None else None
+        if faults is not None:
+            try:  # test hook: {"ready": "EIO"} in the fault file
+                await trio.to_thread.run_sync(faults.check, "ready", "")
+            except OSError:
+                log.warning("fault injected: never reporting readiness")
+                await trio.sleep_forever()
         # A worker thread stats the mountpoint while this thread serves it.
         await trio.to_thread.run_sync(os.stat, str(self.config.mountpoint))
         log.info("mounted %s on %s (buffers %s, max dirty %s, alignment %d)",
@@ -186,7 +239,7 @@ class Daemon:
 
     async def _main(self, root_fd: int) -> ExitCode:
         cfg = self.config
-        io = BackingIO(cfg.io_threads, cfg.fault_file, cfg.trace_file)
+        io = self._io = BackingIO(cfg.io_threads, cfg.fault_file, cfg.trace_file)
         sync_fd = os.open(f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         mounted = False
         try:
@@ -218,7 +271,10 @@ class Daemon:
                     nursery.cancel_scope.cancel()
                 self.ops.close_all()
                 # Leaving WriteCache.running writes out whatever is left.
-            if any(cf.dirty for cf in cache.files.values()):
+            if cache.unmount_failures or any(cf.dirty for cf in cache.files.values()):
+                # Whatever ended the mount (alignfs umount, umount -l,
+                # fusermount3 -u, a signal): data not on BACKING, still
+                # buffered or dropped earlier, means exit 6.
                 self.exit_code = ExitCode.UNWRITTEN_DATA
         finally:
             if mounted:

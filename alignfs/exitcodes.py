@@ -21,14 +21,19 @@ class ExitCode(enum.IntEnum):
     BAD_MOUNTPOINT = 4
     #: FUSE is unavailable (/dev/fuse missing) or the kernel refused the mount.
     FUSE_UNAVAILABLE = 5
-    #: Buffered data could not be written to BACKING (I/O error, disk full).
+    #: Buffered data could not be written to BACKING (I/O error, disk full), or
+    #: writes were dropped earlier in the mount (an error no retry can fix).
     UNWRITTEN_DATA = 6
-    #: ``--timeout`` expired before the operation finished.
+    #: ``umount --timeout`` expired before the daemon exited, or ``mount
+    #: --start-timeout`` before the daemon was serving (it was stopped).
     TIMEOUT = 7
     #: MOUNTPOINT is not an alignfs mount (for umount/stats/flush).
     NOT_ALIGNFS = 8
     #: The control channel refused the caller (not root, not the mounting user).
     PERMISSION = 9
+    #: ``alignfs umount``: the daemon exited without leaving its exit status, so
+    #: whether all data reached BACKING is unknown (never reported as 0).
+    UNKNOWN = 10
 
 
 def describe() -> str:
@@ -41,9 +46,13 @@ def describe() -> str:
         ExitCode.BAD_MOUNTPOINT: "MOUNTPOINT missing, not a directory, inside BACKING "
         "or already mounted",
         ExitCode.FUSE_UNAVAILABLE: "FUSE unavailable (/dev/fuse) or the mount was refused",
-        ExitCode.UNWRITTEN_DATA: "buffered data could not be written to BACKING",
-        ExitCode.TIMEOUT: "--timeout expired",
+        ExitCode.UNWRITTEN_DATA: "data is not on BACKING: buffered data could not be "
+        "written, or writes were dropped earlier in the mount (permanent errors)",
+        ExitCode.TIMEOUT: "umount --timeout expired, or mount --start-timeout (the "
+        "daemon was not serving in time; it was stopped)",
         ExitCode.NOT_ALIGNFS: "MOUNTPOINT is not an alignfs mount",
         ExitCode.PERMISSION: "control channel refused (not root or the mounting user)",
+        ExitCode.UNKNOWN: "umount: the daemon left no exit status; whether all data "
+        "reached BACKING is unknown (see its log)",
     }
     return "\n".join(f"  {int(code):2d}  {text[code]}" for code in ExitCode)

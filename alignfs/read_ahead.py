@@ -404,9 +404,11 @@ class ReadAhead:
         if length > room:
             return await fallback(off, size)
         seq.window = min(cap, seq.window * 2)  # now, so reads arriving meanwhile see it
+        fetch = self._register(ra, start, length)
         try:
-            seg = await self._run_fetch(ra, self._register(ra, start, length))
-        except OSError:
+            seg = await self._run_fetch(ra, fetch)
+        except Exception as exc:
+            self._fetch_failed(ra, fetch, exc)
             seq.window = MIN_WINDOW
             return await fallback(off, size)
         if seg not in self._lru:
@@ -505,12 +507,32 @@ class ReadAhead:
         return fetch
 
     async def _background_fetch(self, ra: FileReadAhead, fetch: Fetch) -> None:
+        """Run a fetch ahead of the reader; a failure is a miss of that window only.
+
+        Whatever it raised, it must not escape: this task runs in the cache's
+        nursery, where an exception would end the mount. The readers of the
+        window fall back to plain reads, which report a disk error in their
+        own bytes.
+        """
         try:
             seg = await self._run_fetch(ra, fetch)
-        except OSError:
-            return  # the reader that needs these bytes sees the error itself
+        except Exception as exc:
+            self._fetch_failed(ra, fetch, exc)
+            return
         if seg not in self._lru:
             self._release(seg.mem)  # stale or empty: nobody will read it
+
+    def _fetch_failed(self, ra: FileReadAhead, fetch: Fetch, exc: Exception) -> None:
+        """Count and log a failed fetch (a miss; its readers use plain reads)."""
+        self.stats.readahead_errors += 1
+        if isinstance(exc, OSError):
+            log.warning("%s: read-ahead of %d bytes at offset %d failed: %s (a miss: "
+                        "reads there go to the backing file)", ra.name, fetch.length,
+                        fetch.start, exc.strerror or exc)
+        else:
+            log.error("%s: read-ahead of %d bytes at offset %d failed with an internal "
+                      "error (a miss: reads there go to the backing file)", ra.name,
+                      fetch.length, fetch.start, exc_info=exc)
 
     async def _run_fetch(self, ra: FileReadAhead, fetch: Fetch) -> Segment:
         """One aligned read of the fetch's range; installed as a segment unless stale.

@@ -39,9 +39,14 @@ class Stats:
     readahead_hits: int = 0
     readahead_bytes: int = 0
     readahead_wasted_bytes: int = 0
+    #: read-ahead fetches that failed (each a miss: its reads went to the backing file)
+    readahead_errors: int = 0
     fsyncs: int = 0
     backing_fsyncs: int = 0
     backing_errors: int = 0
+    #: writes dropped by a permanent write-out error (EFBIG), and their bytes
+    lost_writes: int = 0
+    lost_bytes: int = 0
     # memory
     dirty_bytes: int = 0
     peak_dirty_bytes: int = 0

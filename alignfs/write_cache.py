@@ -25,11 +25,16 @@ for the pwrite; readers copy covered bytes only.
 
 Errors: a failed write-out leaves the buffer at the head of the queue and
 stops the flusher; the file then refuses writes with that error until a retry
-(fsync, flush of the last handle, age tick, unmount) succeeds.
+(fsync, flush of the last handle, age tick, unmount) succeeds. A permanent
+error drops the buffer: the cache remembers the loss (file, offset, errno)
+for the rest of the mount, tells the file's next write or flush once and its
+next fsync (even through a handle opened after the file was forgotten), and
+every later ``flush_all`` and ``close`` report it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import mmap
@@ -63,6 +68,23 @@ PERMANENT_ERRNOS = frozenset({errno.EFBIG})
 
 #: Largest file offset Linux allows.
 MAX_OFFSET = (1 << 63) - 1
+
+#: Dropped writes remembered one by one; beyond this they are only counted.
+MAX_LOST_RECORDS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class LostWrite:
+    """Buffered bytes that a permanent write-out error dropped."""
+
+    name: str
+    offset: int
+    length: int
+    errno: int
+
+    def error(self) -> OSError:
+        return OSError(self.errno, f"{os.strerror(self.errno)}: {self.length} bytes at "
+                       f"offset {self.offset} could never be written and were dropped")
 
 
 class Buffer:
@@ -247,6 +269,7 @@ class CachedFile:
         await self.sync_backing(datasync)
         if self.lost_error is not None:
             exc, self.lost_error = self.lost_error, None
+            cache.unreported_losses.pop(self.key, None)
             raise exc
         self.synced_data_gen = max(self.synced_data_gen, gen)
         if not datasync:
@@ -330,6 +353,14 @@ class WriteCache:
         self._on_backing_changed = on_backing_changed
         #: Tells stats of BACKING taken while a CachedFile ended (see stat_fence).
         self.fence = StatFence()
+        #: Every write dropped by a permanent error in this mount (the first
+        #: MAX_LOST_RECORDS; stats count them all): flush_all reports them.
+        self.lost: list[LostWrite] = []
+        #: Per file, (name, error) of a loss no fsync has reported yet: a file
+        #: forgotten and opened again reports it all the same.
+        self.unreported_losses: dict[Key, tuple[str, OSError]] = {}
+        #: What close() could not write (set when running() ends).
+        self.unmount_failures: list[tuple[str, OSError]] = []
 
     @classmethod
     @asynccontextmanager
@@ -344,7 +375,7 @@ class WriteCache:
                 yield cache
             finally:
                 with trio.CancelScope(shield=True):
-                    await cache.close()
+                    cache.unmount_failures = await cache.close()
                 nursery.cancel_scope.cancel()
 
     # -- files -----------------------------------------------------------------
@@ -371,6 +402,11 @@ class WriteCache:
                 if cf is None:
                     cf = CachedFile(self, key, fd, direct, size, name, holes)
                     self.files[key] = cf
+                    lost = self.unreported_losses.get(key)
+                    if lost is not None and lost[0] == name:
+                        # Forgotten since its data was dropped: the loss is not.
+                        # (The name must match too: an inode number may be reused.)
+                        cf.lost_error = lost[1]
                 else:
                     await self.io.meta(os.close, fd)
         cf.handles += 1
@@ -590,13 +626,23 @@ class WriteCache:
         self.pool.wake_waiters()
 
     def _drop_unwritable(self, cf: CachedFile, buf: Buffer, exc: OSError) -> None:
-        """*buf* can never be written: drop it and report the error once."""
+        """*buf* can never be written: drop it, remember the loss for the mount.
+
+        The file's next write or flush fails once, its next fsync fails, and
+        every flush_all (``alignfs flush``, unmount) reports the loss.
+        """
         first = buf.window + buf.ranges.first()
+        lost = LostWrite(cf.name, first, buf.ranges.total(), exc.errno or errno.EIO)
         log.error("%s: %d bytes at offset %d can never be written (%s); dropped, the "
-                  "error goes to the next fsync", cf.name, buf.ranges.total(), first,
-                  exc.strerror)
+                  "error goes to the next fsync, alignfs flush and unmount", cf.name,
+                  lost.length, first, exc.strerror)
         if exc.errno == errno.EFBIG:
             self.max_offset = min(self.max_offset, buf.window)
+        self.stats.lost_writes += 1
+        self.stats.lost_bytes += lost.length
+        if len(self.lost) < MAX_LOST_RECORDS:
+            self.lost.append(lost)
+        self.unreported_losses[cf.key] = (cf.name, exc)
         cf.lost_error = exc
         cf.lost_reported = False
 
@@ -731,7 +777,10 @@ class WriteCache:
 
         Durability is one syncfs of BACKING (it also covers files already
         written and released, and metadata such as renames), or an fsync per
-        cached file when no sync_fd was given.
+        cached file when no sync_fd was given. The failures are (name, error)
+        of files whose data stays buffered (the error says from which offset),
+        of BACKING's syncfs, and of every write dropped earlier in this mount:
+        data that is not on BACKING is never reported as written.
         """
         failures: list[tuple[str, OSError]] = []
         for cf in list(self.files.values()):
@@ -740,30 +789,47 @@ class WriteCache:
                 if sync and self.sync_fd is None and not cf.closed:
                     await cf.sync_backing(False)
             except OSError as exc:
-                failures.append((cf.name, exc))
+                failures.append((cf.name, _kept_buffered(cf, exc)))
         if sync and self.sync_fd is not None:
             try:
                 await self.io.data(syscalls.syncfs, self.sync_fd)
                 self.stats.backing_fsyncs += 1
             except OSError as exc:
                 failures.append(("BACKING", exc))
+        failures += [(lost.name, lost.error()) for lost in self.lost]
+        unlisted = self.stats.lost_writes - len(self.lost)
+        if unlisted > 0:
+            failures.append(("BACKING", OSError(errno.EIO, f"{unlisted} more writes were "
+                                                 "dropped (see the log)")))
         return failures
 
     def unwritten_bytes(self) -> int:
         return sum(cf.buffered_bytes() for cf in self.files.values())
 
-    async def close(self) -> None:
-        """Write everything out; log what could not be written."""
+    async def close(self) -> list[tuple[str, OSError]]:
+        """Write everything out; log and return what is not on BACKING."""
         failures = await self.flush_all("unmount")
         for name, exc in failures:
-            log.error("%s: could not write buffered data at unmount: %s", name, exc)
+            log.error("%s: not on BACKING at unmount: %s", name, exc.strerror or exc)
         if failures:
-            log.error("%d bytes could not be written to BACKING", self.unwritten_bytes())
+            log.error("%d bytes could not be written to BACKING, %d were dropped earlier",
+                      self.unwritten_bytes(), self.stats.lost_bytes)
         for cf in list(self.files.values()):
             if not cf.dirty:
                 del self.files[cf.key]
                 self._close_file(cf)
         self.pool.close()
+        return failures
+
+
+def _kept_buffered(cf: CachedFile, exc: OSError) -> OSError:
+    """*exc* (writing *cf* out failed) restated with the data it keeps buffered."""
+    starts = [b.window + b.ranges.first()
+              for b in chain(cf.queue, cf.filling.values()) if b.ranges]
+    if not starts:
+        return exc
+    return OSError(exc.errno, f"{exc.strerror or exc}: {cf.buffered_bytes()} bytes from "
+                   f"offset {min(starts)} are kept buffered, not written")
 
 
 #: At most this many holes are remembered per file (a fragmented sparse file

@@ -23,6 +23,9 @@
 #   * systemd/libvirtd.service.d/alignfs.conf loads onto a stub libvirtd.service:
 #     starting libvirtd starts alignfs@images first (the mount is up when libvirtd
 #     starts) and stopping alignfs@images stops libvirtd first;
+#   * alignfs@lossy, whose daemon injects EFBIG (--fault-file) into writes of lost.img:
+#     after a write there was dropped, `systemctl stop` leaves Result=exit-code,
+#     ExecMainStatus=6, and the journal names the file and offset;
 #   * `systemctl poweroff` with alignfs@demo running and a file still held open writes
 #     everything back before systemd exits (Conflicts=/Before=umount.target).
 #
@@ -541,6 +544,34 @@ ns systemctl stop alignfs@odd.service >"$WORK/log/stop-odd.log" 2>&1 \
     && pass "systemctl stop alignfs@odd" || fail "systemctl stop alignfs@odd" "$(cat "$WORK/log/stop-odd.log")"
 check "'$ODD_BACK/dd.bin' == the first $((300 * STEP)) bytes written" \
     cmp -n $((300 * STEP)) "$WORK/src.bin" "$ODD_BACK/dd.bin"
+
+# -- a write that could never be written: stop must not report success -------------------------
+say "--- alignfs@lossy: a write dropped for good (injected EFBIG); systemctl stop reports it"
+mkdir -p "$WORK/fastl" "$WORK/backingl"
+printf '{"write": "EFBIG", "match": "lost"}' >"$WORK/faults.json"
+ns "$ALIGNFS" install-systemd lossy "$WORK/fastl" "$WORK/backingl" --flush-delay 600 \
+    --fault-file "$WORK/faults.json" >>"$WORK/log/install-systemd.log" 2>&1 \
+    && pass "alignfs install-systemd lossy (--fault-file: writes of 'lost*' fail with EFBIG)" \
+    || fail "alignfs install-systemd lossy" "$(tail -3 "$WORK/log/install-systemd.log")"
+ns systemctl start alignfs@lossy.service >"$WORK/log/start-lossy.log" 2>&1 \
+    && pass "systemctl start alignfs@lossy" || fail "systemctl start alignfs@lossy" "$(cat "$WORK/log/start-lossy.log")"
+LOST_AT=$((1024 * MB + 123))
+# The last close starts the write-out, which drops the data; then the stop.
+check "a client writes lost.img at offset $LOST_AT and closes it" \
+    nsm python3 -c "import os; fd = os.open('$WORK/fastl/lost.img', os.O_WRONLY | os.O_CREAT, 0o644); os.pwrite(fd, b'L' * 3000, $LOST_AT); os.close(fd)"
+for ((i = 0; i < 100; i++)); do
+    ns journalctl -b --no-pager -u alignfs@lossy.service 2>/dev/null | grep -q 'can never be written' && break
+    sleep 0.1
+done
+ns systemctl stop alignfs@lossy.service >"$WORK/log/stop-lossy.log" 2>&1 || true
+show=$(ns systemctl show -p Result -p ExecMainStatus alignfs@lossy.service)
+check "stopped alignfs@lossy: Result=exit-code, ExecMainStatus=6 (got: $(tr '\n' ' ' <<<"$show"))" \
+    test "$(sort <<<"$show" | tr '\n' ' ')" = "ExecMainStatus=6 Result=exit-code "
+ns journalctl -b --no-pager -u alignfs@lossy.service >"$WORK/log/journal-lossy.txt" 2>&1 || true
+check "journal: at the stop, the daemon names lost.img and offset $LOST_AT" \
+    grep -q "lost.img: not on BACKING at unmount: .*offset $LOST_AT" "$WORK/log/journal-lossy.txt"
+check "$WORK/fastl unmounted" test -z "$(ns findmnt -n "$WORK/fastl" || true)"
+ns systemctl reset-failed alignfs@lossy.service >/dev/null 2>&1 || true
 
 # -- poweroff with alignfs@demo running -------------------------------------------------------
 say "--- systemctl poweroff with alignfs@demo running and a file held open"

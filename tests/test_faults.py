@@ -1138,7 +1138,8 @@ def test_write_at_largest_offsets(mount_alignfs: Callable[..., Mount]) -> None:
     A write that would end past 2**63-1 fails with EFBIG or EINVAL. A 1-byte
     write at 2**63-2 (the last byte a file may have) reaches the daemon; no
     filesystem can store it, so it fails at once or its fsync reports EFBIG
-    (once); either way the file, the daemon and unmounting stay fine.
+    (once); either way the file and the daemon stay fine. Unmounting works;
+    it exits 6 if the byte had been accepted and then dropped.
     """
     m = mount_alignfs()
     pid = m.pid
@@ -1162,7 +1163,8 @@ def test_write_at_largest_offsets(mount_alignfs: Callable[..., Mount]) -> None:
     daemon_alive(m)
     assert (m.backing / "huge").read_bytes()[:5] == b"small"
     res = m.umount()
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == (0 if err else 6), (res.returncode, res.stderr)
+    assert not is_mounted(m.mountpoint)
 
 
 def test_write_beyond_backing_max_file_size(mount_alignfs: Callable[..., Mount]) -> None:
@@ -1170,8 +1172,9 @@ def test_write_beyond_backing_max_file_size(mount_alignfs: Callable[..., Mount])
 
     The write itself is accepted (buffered); its write-out fails with EFBIG,
     which fsync reports exactly once; the daemon keeps serving, a later write
-    there fails at once, data below the limit is fine, and umount exits 0
-    (the unwritable data was dropped and already reported).
+    there fails at once, data below the limit is fine. The loss is not
+    forgotten: ``alignfs flush`` exits 6, and so does ``alignfs umount``,
+    which unmounts all the same (staying mounted would save nothing).
     """
     m = mount_alignfs("--flush-delay", "300")
     if subprocess.run(["stat", "-f", "-c", "%T", str(m.backing)], capture_output=True,
@@ -1196,5 +1199,9 @@ def test_write_beyond_backing_max_file_size(mount_alignfs: Callable[..., Mount])
         b"below the limit" + bytes(85) + b"still fine"
     log = m.log.read_text()
     assert log.count("can never be written") == 1, log
+    res = run_alignfs("flush", str(m.mountpoint))
+    assert res.returncode == 6, (res.returncode, res.stderr)
     res = m.umount()
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 6, (res.returncode, res.stderr)
+    assert not is_mounted(m.mountpoint)
+    assert f"offset {beyond}" in m.log.read_text().rsplit("stopping", 1)[-1]

@@ -449,3 +449,54 @@ async def test_detach_waits_for_a_stale_fetch_at_the_same_start(tmp_path: Path,
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert io.ebadf == 0, "read on a descriptor detach() had already closed"
+
+
+class FailOnceIO(InlineIO):
+    """The Nth read into a segment (a read-ahead fetch) raises *exc*; others work."""
+
+    def __init__(self, nth: int, exc: BaseException) -> None:
+        super().__init__(2)
+        self.nth = nth
+        self.exc = exc
+        self.fetch_reads = 0
+
+    def pread_into(self, fd, view, offset, name):
+        self.fetch_reads += 1
+        if self.fetch_reads == self.nth:
+            raise self.exc
+        return super().pread_into(fd, view, offset, name)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("a bug in the fetch"),
+                                 OSError(errno.EIO, "bad sector")],
+                         ids=["RuntimeError", "EIO"])
+async def test_failed_background_fetch_is_a_counted_logged_miss(
+        tmp_path: Path, autojump_clock, caplog: pytest.LogCaptureFixture,
+        exc: BaseException) -> None:
+    """The window fetched ahead in the background fails: whatever it raised, the
+    failure is counted (readahead_errors) and logged, the reads of that window
+    fall back to plain reads, and reading goes on. A non-OSError used to escape
+    into the cache's nursery (in the daemon: ending the mount); an OSError was
+    neither logged nor counted."""
+    size = 4 * MiB
+    (path,) = make_files(tmp_path, 1, size)
+    expected = content(0, size)
+    io = FailOnceIO(2, exc)  # the first fetch is the reader's own; the second runs ahead
+    stats = Stats()
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        readahead = ReadAhead(io, stats, align=4096, max_window=1 * MiB,
+                              budget=16 * MiB, nursery=nursery)
+        r = await open_reader(readahead, path)
+        while data := await r.read(64 * KiB):
+            got += data
+            await trio.testing.wait_all_tasks_blocked()
+        readahead.detach(r.ra, r.seq)
+        os.close(r.fd)
+        nursery.cancel_scope.cancel()
+    assert bytes(got) == expected
+    assert io.fetch_reads > 2, "read-ahead stopped for good after one failure"
+    assert stats.readahead_errors == 1, stats
+    failed = [rec for rec in caplog.records if "read-ahead" in rec.getMessage()
+              and path.name in rec.getMessage()]
+    assert len(failed) == 1, [rec.getMessage() for rec in caplog.records]

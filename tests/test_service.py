@@ -313,8 +313,10 @@ def test_units_under_a_real_systemd() -> None:
 
     It boots systemd as PID 1 of new PID/mount/cgroup namespaces and checks
     `systemctl start/stop alignfs@demo` (READY only once mounted, STATUS while
-    writing back, every byte on BACKING), fast.mount, the libvirtd drop-in,
-    paths with spaces, and shutdown order; see the script's header. The units
+    writing back, every byte on BACKING), a stop after a write was dropped for
+    good (exit 6 recorded by systemd, file and offset in the journal),
+    fast.mount, the libvirtd drop-in, paths with spaces, and shutdown order;
+    see the script's header. The units
     run /usr/local/bin/alignfs, so that must be this checkout (setup.sh
     installs it before the tests).
     """

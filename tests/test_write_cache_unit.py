@@ -958,6 +958,62 @@ async def test_einval_keeps_the_data_buffered_and_retries(
         cache.detach(cf)
 
 
+async def test_lost_write_is_remembered_after_its_file_is_dropped(
+        backing: Path, tmp_path: Path) -> None:
+    """Data dropped for good (EFBIG) after the last close: the CachedFile is
+    forgotten, yet every flush_all and the unmount (close) report the loss,
+    naming file and offset, and the next fsync of the file, reopened, fails.
+
+    Before, the loss lived only in the dropped CachedFile: flush_all and
+    close returned nothing, so ``alignfs flush``/``umount`` exited 0.
+    """
+    faults = tmp_path / "faults.json"
+    set_faults(faults, {"write": "EFBIG"})
+    io = InlineIO(2, fault_file=faults)
+    stats = Stats()
+    far = 10 * B  # EFBIG lowers the mount's offset limit to this window
+    async with running_cache(io, stats) as cache:
+        cf = await attach(cache, backing)
+        await cf.write(far + 5, b"L" * 100)
+        cache.detach(cf)  # last close: the write-out drops the data, then the file
+        await trio.testing.wait_all_tasks_blocked()
+        assert key_of(backing) not in cache.files
+        set_faults(faults, None)
+        for _ in range(2):  # remembered for the rest of the mount
+            failures = await cache.flush_all("unmount")
+            assert [(name, exc.errno) for name, exc in failures] == \
+                [(backing.name, errno.EFBIG)]
+            assert f"offset {far + 5}" in str(failures[0][1])
+        assert stats.lost_writes == 1 and stats.lost_bytes == 100
+        cf = await attach(cache, backing)  # reopened: the loss is not forgotten
+        with pytest.raises(OSError) as info:
+            cf.raise_error()  # the next flush (close) of the file
+        assert info.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as info:
+            await cf.fsync(False)
+        assert info.value.errno == errno.EFBIG
+        await cf.fsync(False)  # reported to fsync once
+        cache.detach(cf)
+    assert [(name, exc.errno) for name, exc in cache.unmount_failures] == \
+        [(backing.name, errno.EFBIG)]
+
+
+async def test_close_returns_what_it_could_not_write(backing: Path, tmp_path: Path) -> None:
+    """close() (unmount) returns its failures, so the daemon can exit 6 (it only
+    logged them, and the daemon looked only for files still dirty)."""
+    faults = tmp_path / "faults.json"
+    set_faults(faults, {"write": "EIO"})
+    io = InlineIO(2, fault_file=faults)
+    async with running_cache(io, Stats()) as cache:
+        cf = await attach(cache, backing)
+        await cf.write(0, b"k" * 10)
+        failures = await cache.close()
+        assert [(name, exc.errno) for name, exc in failures] == [(backing.name, errno.EIO)]
+        assert cf.dirty  # kept
+        set_faults(faults, None)
+        cache.detach(cf)
+
+
 def _efbig_offset(tmp_path: Path) -> int | None:
     """An offset at which this filesystem refuses writes with EFBIG (ext4: 16 TiB)."""
     probe = tmp_path / "efbig-probe"
