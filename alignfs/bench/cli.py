@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alignfs bench",
         description="Benchmark clients writing directly vs. through alignfs on a "
-        "throttled HDD model (zram + ext4 + blkio cgroup). Needs root.",
+        "throttled HDD model (zram + ext4 + blkio cgroup). Needs root. Working files "
+        "and mounts go under $TMPDIR (default /tmp).",
     )
     p.add_argument(
         "--scenarios",
@@ -399,7 +400,7 @@ def _run(args: argparse.Namespace) -> int:
     rows: list[RowResult] = []
     failed_runs = 0
     with CleanupStack("bench-main") as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+        workdir = Path(tempfile.mkdtemp(prefix="bench-"))
         stack.push(f"remove {workdir}", lambda: shutil.rmtree(workdir, ignore_errors=True))
         (workdir / "logs").mkdir()
         ram_dir = args.ram_dir / f"bench-{os.getpid()}"
@@ -407,9 +408,8 @@ def _run(args: argparse.Namespace) -> int:
         logs_kept = {"flag": True}  # cleared once every run succeeded
 
         def keep_logs() -> None:
-            target = args.log_dir or (
-                Path(f"/tmp/bench-logs-{os.getpid()}") if logs_kept["flag"] else None
-            )
+            kept = Path(tempfile.gettempdir()) / f"bench-logs-{os.getpid()}"
+            target = args.log_dir or (kept if logs_kept["flag"] else None)
             if target is not None and any((workdir / "logs").iterdir()):
                 shutil.copytree(workdir / "logs", target, dirs_exist_ok=True)
                 print(f"alignfs bench: logs kept in {target}", file=sys.stderr)
