@@ -19,6 +19,12 @@ from typing import Any
 DIRECT = "direct"
 ALIGNFS = "alignfs"
 
+#: What a result file (``--json-file``) says it is, and the newest version of
+#: its layout this code reads and writes. Version 1 files (before the
+#: counter timelines) carry neither key and are still read.
+RESULT_FORMAT = "alignfs-bench-result"
+RESULT_VERSION = 2
+
 #: A run whose throttled bytes are below this share of the device's bytes is
 #: flagged: most of its I/O went past the throttle (kernel writeback).
 ESCAPE_FLAG_SHARE = 0.5
@@ -49,6 +55,9 @@ class RunResult:
     #: ``"write"`` or ``"read"``.  A read run has no data to make durable: its
     #: drain (the alignfs umount) is recorded but not part of the measured time.
     direction: str = "write"
+    #: alignfs runs: the daemon's counters sampled during the run (see
+    #: :mod:`alignfs.bench.sampler`); None for direct runs and old result files.
+    timeline: dict[str, Any] | None = None
 
     @property
     def drain_counted(self) -> bool:
@@ -330,3 +339,4 @@ def row_from_json(data: dict[str, Any]) -> RowResult:
         target_percent=data.get("target_percent"),
         target_speedup=data.get("target_speedup"),
     )
+
