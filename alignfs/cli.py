@@ -124,10 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "stats", help="show the daemon's counters",
         description="Without options: the counters since the mount. --watch: one line per "
-        "interval with the rates of that interval, like vmstat.",
-        epilog="exit codes:\n" + describe(),
+        "interval with the rates of that interval, like vmstat. --prometheus: the counters "
+        "of the named mounts (default: every alignfs mount) in the Prometheus text format.",
+        epilog="exit codes:\n" + describe() + "\n\nWith --prometheus and no MOUNTPOINT, a "
+        "mount that does not answer is reported as alignfs_up 0 (and on stderr), exit 0.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="the alignfs mount")
+    s.add_argument("mountpoint", type=Path, nargs="*", metavar="MOUNTPOINT",
+                   help="the alignfs mount (several, or none for all, with --prometheus)")
     s.add_argument("--json", action="store_true",
                    help="machine-readable output (with --watch: one JSON object per interval, "
                    "with the interval's rates under \"rates\")")
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the rates every SECONDS (default 1) until Ctrl-C")
     s.add_argument("--count", type=int, default=None, metavar="N",
                    help="with --watch: stop after N lines")
+    s.add_argument("--prometheus", action="store_true",
+                   help="Prometheus text format (for node_exporter's textfile collector)")
 
     f = sub.add_parser("flush", help="write out and fsync everything buffered now")
     f.add_argument("mountpoint", type=Path)
@@ -466,10 +471,20 @@ def render_stats(stats: dict[str, Any]) -> str:
 
 
 def cmd_stats(ns: argparse.Namespace) -> int:
+    if ns.prometheus:
+        if ns.watch is not None or ns.json or ns.count is not None:
+            print("alignfs: --prometheus prints once; it takes no --watch, --json or --count",
+                  file=sys.stderr)
+            return ExitCode.USAGE
+        return _stats_prometheus(ns.mountpoint)
+    if len(ns.mountpoint) != 1:
+        print("alignfs: stats takes one MOUNTPOINT (several, or none, only with --prometheus)",
+              file=sys.stderr)
+        return ExitCode.USAGE
     if ns.count is not None and (ns.watch is None or ns.count < 1):
         print("alignfs: --count needs --watch and a positive number", file=sys.stderr)
         return ExitCode.USAGE
-    mp, refused = _live_mount(ns.mountpoint)
+    mp, refused = _live_mount(ns.mountpoint[0])
     if refused is not None:
         return refused
     try:
@@ -516,6 +531,35 @@ def _watch(mp: Path, interval: float, as_json: bool, count: int | None) -> int:
         printed += 1
         prev, prev_at = stats, now
         due = max(due, now)  # after a stall, do not print a burst of catch-up lines
+    return ExitCode.OK
+
+
+def _stats_prometheus(named: list[Path]) -> int:
+    from .mounts import mount_entries
+    from .prometheus import render
+
+    if named:
+        mountpoints = []
+        for path in named:
+            mp, refused = _live_mount(str(path))
+            if refused is not None:
+                return refused
+            mountpoints.append(mp)
+    else:
+        mountpoints = [Path(m) for m, fstype, _ in mount_entries() if fstype == "fuse.alignfs"]
+    found: list[tuple[str, dict[str, Any] | None]] = []
+    for mp in mountpoints:
+        try:
+            if is_stale(str(mp)):
+                raise OSError(errno.ENOTCONN, "stale mount (its daemon died)")
+            found.append((str(mp), query_stats(str(mp))))
+        except OSError as exc:
+            if named:
+                return _control_error(mp, exc)
+            print(f"alignfs: {mp}: {exc.strerror or exc}; reported as alignfs_up 0",
+                  file=sys.stderr)
+            found.append((str(mp), None))
+    sys.stdout.write(render(found))
     return ExitCode.OK
 
 
