@@ -89,6 +89,10 @@ def test_pairs_are_mb_per_second_with_measured_values_and_speedup() -> None:
     assert fio.speedup_text == "58x"
     assert data.limits == [pytest.approx(150 * MiB / 1e6)]
     assert "200 IOPS, 150 MiB/s" in data.title and "2026-11-27" in data.subtitle
+    assert "contended" not in data.subtitle
+    busy = figure.build_figure_data(rows(), dict(META, max_cpu_pressure=0.55))
+    assert "CPUs were contended (tasks waited for a CPU during up to 55% of a run)" \
+        in busy.subtitle
 
 
 def test_timeline_series_come_from_the_samples() -> None:

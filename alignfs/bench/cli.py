@@ -33,7 +33,7 @@ from .hddmodel import HddModel, Throttle
 from .mount import AlignfsCommand
 from .plot import PlotError, check_output
 from .report import render_json, render_table
-from .results import ResultFileError, RowResult, load_result
+from .results import CPU_PRESSURE_WARNING, ResultFileError, RowResult, load_result
 from .runner import Progress, Runner
 from .scenarios import (
     READ_SCENARIOS,
@@ -351,9 +351,6 @@ def scenario_options(args: argparse.Namespace) -> ScenarioOptions:
         fio_read_size=args.fio_read_size,
     )
 
-
-#: Share of a run's time with some task waiting for a CPU above which the report warns.
-CPU_PRESSURE_WARNING = 0.25
 
 
 def alignfs_command(args: argparse.Namespace) -> AlignfsCommand:

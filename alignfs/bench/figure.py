@@ -22,7 +22,7 @@ from typing import Any
 
 from ..sizes import format_size
 from .report import fmt_metric
-from .results import RowResult, RunResult
+from .results import CPU_PRESSURE_WARNING, RowResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,12 @@ def _titles(meta: Mapping[str, Any]) -> tuple[str, str]:
     if meta.get("kernel"):
         parts.append(f"kernel {meta['kernel']}")
     parts.append("time includes fsync and alignfs umount (until durable)")
-    return title, "; ".join(parts)
+    subtitle = "; ".join(parts)
+    pressure = meta.get("max_cpu_pressure")
+    if isinstance(pressure, int | float) and pressure > CPU_PRESSURE_WARNING:
+        subtitle += (f"\nCPUs were contended (tasks waited for a CPU during up to "
+                     f"{pressure:.0%} of a run): alignfs numbers are pessimistic")
+    return title, subtitle
 
 
 def build_figure_data(

@@ -27,6 +27,10 @@ ALIGNFS = "alignfs"
 RESULT_FORMAT = "alignfs-bench-result"
 RESULT_VERSION = 2
 
+#: Share of a run's time with some task waiting for a CPU above which the
+#: table's header and the picture warn.
+CPU_PRESSURE_WARNING = 0.25
+
 #: A run whose throttled bytes are below this share of the device's bytes is
 #: flagged: most of its I/O went past the throttle (kernel writeback).
 ESCAPE_FLAG_SHARE = 0.5
