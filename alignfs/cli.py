@@ -123,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "stats", help="show the daemon's counters",
-        description="Without options: the counters since the mount. --watch: one line per "
-        "interval with the rates of that interval, like vmstat. --prometheus: the counters "
-        "of the named mounts (default: every alignfs mount) in the Prometheus text format.",
+        description="Without options: the counters since the mount.\n--watch: one line per "
+        "interval with the rates of that interval, like vmstat.\n--prometheus: the counters "
+        "of the named mounts (default: every alignfs mount)\nin the Prometheus text format.",
         epilog="exit codes:\n" + describe() + "\n\nWith --prometheus and no MOUNTPOINT, a "
-        "mount that does not answer is reported as alignfs_up 0 (and on stderr), exit 0.",
+        "mount that does not answer is reported\nas alignfs_up 0 (and on stderr), exit 0.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("mountpoint", type=Path, nargs="*", metavar="MOUNTPOINT",
                    help="the alignfs mount (several, or none for all, with --prometheus)")

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -122,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "throttled HDD model (zram + ext4 + blkio cgroup). Needs root. Working files "
         "and mounts go under $TMPDIR (default /tmp).",
         epilog="exit status:\n"
-        + "\n".join(f"  {code:3d}  {text}" for code, text in EXIT_CODES),
+        + "\n".join(
+            textwrap.fill(text, 78, initial_indent=f"  {code:3d}  ", subsequent_indent=" " * 7)
+            for code, text in EXIT_CODES
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -291,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--plot-timeline",
         default=DEFAULT_TIMELINE_SCENARIO,
+        choices=SCENARIO_NAMES,
         metavar="SCENARIO",
         help="scenario whose alignfs run the picture shows over time (default "
         f"{DEFAULT_TIMELINE_SCENARIO}; else the first write scenario run)",
