@@ -9,11 +9,15 @@ silently vanish from monitoring.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import time
 
 import pytest
 from conftest import run_alignfs
 
 from alignfs import prometheus
+from alignfs.mounts import is_stale
 from alignfs.stats import FLUSH_CAUSES, Stats
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -118,3 +122,30 @@ def test_prometheus_usage_errors(mount_alignfs, tmp_path) -> None:
     res = run_alignfs("stats", "--prometheus", mp, str(tmp_path))
     assert res.returncode == 8 and "not an alignfs mount" in res.stderr
     assert res.stdout == ""
+
+
+def test_dead_daemon_is_reported_down_and_the_rest_still_written(mount_alignfs) -> None:
+    live = mount_alignfs(name="live")
+    dead = mount_alignfs(name="dead")
+    pid = dead.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not is_stale(str(dead.mountpoint)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert is_stale(str(dead.mountpoint))
+    try:
+        res = run_alignfs("stats", "--prometheus")
+        assert res.returncode == 0, res.stderr
+        assert str(dead.mountpoint) in res.stderr and "alignfs_up 0" in res.stderr
+        fams = families(res.stdout)
+        up = {s.labels["mountpoint"]: s.value
+              for s in fams["alignfs_up"].samples}  # type: ignore[attr-defined]
+        assert up[str(dead.mountpoint)] == 0.0 and up[str(live.mountpoint)] == 1.0
+        written = {s.labels["mountpoint"]
+                   for s in fams["alignfs_write_bytes"].samples}  # type: ignore[attr-defined]
+        assert str(live.mountpoint) in written and str(dead.mountpoint) not in written
+        # Named, the dead mount is an error, as for 'alignfs stats'.
+        res = run_alignfs("stats", "--prometheus", str(dead.mountpoint))
+        assert res.returncode == 4 and res.stdout == ""
+    finally:
+        assert run_alignfs("umount", str(dead.mountpoint)).returncode == 0
