@@ -17,6 +17,7 @@ import logging
 import logging.handlers
 import os
 import select
+import shutil
 import stat
 import subprocess
 import sys
@@ -134,11 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="give up waiting after this long (exit 7); default: wait")
 
-    s = sub.add_parser("stats", help="show the daemon's counters")
-    s.add_argument("mountpoint", type=Path)
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = sub.add_parser(
+        "stats", help="show the daemon's counters",
+        description="Without options: the counters since the mount.\n--watch: one line per "
+        "interval with the rates of that interval, like vmstat.\n--prometheus: the counters "
+        "of the named mounts (default: every alignfs mount)\nin the Prometheus text format.",
+        epilog="exit codes:\n" + describe() + "\n\nWith --prometheus and no MOUNTPOINT, a "
+        "mount that does not answer is reported\nas alignfs_up 0 (and on stderr), exit 0.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("mountpoint", type=Path, nargs="*", metavar="MOUNTPOINT",
+                   help="the alignfs mount (several, or none for all, with --prometheus)")
+    s.add_argument("--json", action="store_true",
+                   help="machine-readable output (with --watch: one JSON object per interval, "
+                   "with the interval's rates under \"rates\")")
     s.add_argument("--watch", type=_positive_float, nargs="?", const=1.0, default=None,
-                   metavar="SECONDS", help="refresh every SECONDS (default 1) until Ctrl-C")
+                   metavar="SECONDS",
+                   help="print the rates every SECONDS (default 1) until Ctrl-C")
+    s.add_argument("--count", type=int, default=None, metavar="N",
+                   help="with --watch: stop after N lines")
+    s.add_argument("--prometheus", action="store_true",
+                   help="Prometheus text format (for node_exporter's textfile collector)")
 
     f = sub.add_parser("flush", help="write out and fsync everything buffered now")
     f.add_argument("mountpoint", type=Path)
@@ -581,26 +597,96 @@ def render_stats(stats: dict[str, Any]) -> str:
 
 
 def cmd_stats(ns: argparse.Namespace) -> int:
-    mp, refused = _live_mount(ns.mountpoint)
+    if ns.prometheus:
+        if ns.watch is not None or ns.json or ns.count is not None:
+            print("alignfs: --prometheus prints once; it takes no --watch, --json or --count",
+                  file=sys.stderr)
+            return ExitCode.USAGE
+        return _stats_prometheus(ns.mountpoint)
+    if len(ns.mountpoint) != 1:
+        print("alignfs: stats takes one MOUNTPOINT (several, or none, only with --prometheus)",
+              file=sys.stderr)
+        return ExitCode.USAGE
+    if ns.count is not None and (ns.watch is None or ns.count < 1):
+        print("alignfs: --count needs --watch and a positive number", file=sys.stderr)
+        return ExitCode.USAGE
+    mp, refused = _live_mount(ns.mountpoint[0])
     if refused is not None:
         return refused
     try:
-        while True:
-            try:
-                stats = query_stats(str(mp))
-            except OSError as exc:
-                return _control_error(mp, exc)
-            if ns.json:
-                print(json.dumps(stats, sort_keys=True), flush=True)
-            else:
-                if ns.watch:
-                    print("\033[H\033[2J", end="")
-                print(render_stats(stats), flush=True)
-            if not ns.watch:
-                return ExitCode.OK
-            time.sleep(ns.watch)
+        if ns.watch is None:
+            stats = query_stats(str(mp))
+            print(json.dumps(stats, sort_keys=True) if ns.json else render_stats(stats))
+            return ExitCode.OK
+        return _watch(mp, ns.watch, ns.json, ns.count)
+    except BrokenPipeError:
+        # A reader such as head(1) went away: that is how such output ends.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
+    except OSError as exc:
+        return _control_error(mp, exc)
     except KeyboardInterrupt:
         return ExitCode.OK
+
+
+def _watch(mp: Path, interval: float, as_json: bool, count: int | None) -> int:
+    """vmstat-like: a line of rates per *interval* (header repeated every screen)."""
+    from .rates import compute_rates, format_line, header
+
+    page = max(5, shutil.get_terminal_size((80, 24)).lines - 1)
+    printed = 0
+    prev = query_stats(str(mp))
+    prev_at = time.monotonic()
+    if as_json:
+        print(json.dumps({**prev, "time": time.time(), "rates": None}, sort_keys=True),
+              flush=True)
+    due = prev_at + interval
+    while count is None or printed < count:
+        if not as_json and printed % page == 0:
+            print(header(), flush=True)
+        time.sleep(max(0.0, due - time.monotonic()))
+        due += interval
+        stats = query_stats(str(mp))
+        now = time.monotonic()
+        rates = compute_rates(prev, stats, now - prev_at)
+        if as_json:
+            print(json.dumps({**stats, "time": time.time(), "rates": rates}, sort_keys=True),
+                  flush=True)
+        else:
+            print(format_line(rates), flush=True)
+        printed += 1
+        prev, prev_at = stats, now
+        due = max(due, now)  # after a stall, do not print a burst of catch-up lines
+    return ExitCode.OK
+
+
+def _stats_prometheus(named: list[Path]) -> int:
+    from .mounts import mount_entries
+    from .prometheus import render
+
+    if named:
+        mountpoints = []
+        for path in named:
+            mp, refused = _live_mount(str(path))
+            if refused is not None:
+                return refused
+            mountpoints.append(mp)
+    else:
+        mountpoints = [Path(m) for m, fstype, _ in mount_entries() if fstype == "fuse.alignfs"]
+    found: list[tuple[str, dict[str, Any] | None]] = []
+    for mp in mountpoints:
+        try:
+            if is_stale(str(mp)):
+                raise OSError(errno.ENOTCONN, "stale mount (its daemon died)")
+            found.append((str(mp), query_stats(str(mp))))
+        except OSError as exc:
+            if named:
+                return _control_error(mp, exc)
+            print(f"alignfs: {mp}: {exc.strerror or exc}; reported as alignfs_up 0",
+                  file=sys.stderr)
+            found.append((str(mp), None))
+    sys.stdout.write(render(found))
+    return ExitCode.OK
 
 
 def cmd_flush(ns: argparse.Namespace) -> int:

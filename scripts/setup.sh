@@ -37,7 +37,8 @@ fi
 if [ ! -x "$prefix/venv/bin/python" ]; then
     /usr/bin/python3 -m venv "$prefix/venv"
 fi
-"$prefix/venv/bin/python" -m pip install -q --disable-pip-version-check "$here[test]" </dev/null
+# Extras: test (pytest, ...), plot (matplotlib, for "alignfs bench --plot").
+"$prefix/venv/bin/python" -m pip install -q --disable-pip-version-check "$here[test,plot]" </dev/null
 ln -sf "$prefix/venv/bin/alignfs" /usr/local/bin/alignfs
 # systemd template unit and the umount(8) helper that makes "umount /fast" wait
 # for write-back (see README "Running as a service").

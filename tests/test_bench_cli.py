@@ -64,6 +64,7 @@ def test_no_throttle_and_iops() -> None:
         ["--repeat", "0"],
         ["--ram", "lots"],
         ["--savevm-caches", "writeback"],
+        ["--plot-timeline", "bogus"],
     ],
 )
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -117,5 +117,10 @@ def test_runner_alignfs_side(tmp_path: Path) -> None:
     assert (run.throttled_write_bytes or 0) >= PAYLOAD
     assert run.daemon_cpu_seconds is not None and run.daemon_cpu_seconds > 0
     assert run.extra["umount_seconds"] > 0
+    # The daemon's counters were sampled during the run, the last after the fsync.
+    tl = run.timeline
+    assert tl is not None and tl["events"]["durable"] >= tl["events"]["client_done"]
+    last = dict(zip(tl["columns"], tl["samples"][-1], strict=True))
+    assert last["write_bytes"] == PAYLOAD and last["dirty_bytes"] == 0
     assert not any(p.name.startswith("mnt-") for p in tmp_path.iterdir())
     assert str(tmp_path) not in Path("/proc/self/mounts").read_text()

@@ -11,12 +11,14 @@ their umount time is recorded but not counted (nothing to make durable).
 
 Examples::
 
-    alignfs bench --demo                      # ~5 min: 512M savevm + qemu-img bench
+    alignfs bench --demo                      # ~5 min: 512M savevm + qemu-img bench,
+                                              # writes its result and picture (.json, .png)
     alignfs bench                             # every write scenario, 3 repeats (~30 min)
     alignfs bench --scenarios savevm --ram 256M --repeat 1 --verify-loadvm
     alignfs bench --scenarios fio-4k,fio-1m --json-file out.json
     alignfs bench --scenarios loadvm,qemu-img-read,fio-read-4k,fio-randread-4k --repeat 1
     alignfs bench --render out.json           # print a saved result again
+    alignfs bench --render out.json --plot bench.png   # ... and draw its picture (or .svg)
     alignfs bench --dir /mnt/hdd --no-throttle  # a real disk instead of the model
 
 Entry point: :func:`main` (``alignfs bench ...`` or ``python -m alignfs.bench``).

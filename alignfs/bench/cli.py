@@ -1,16 +1,15 @@
 """Command line of ``alignfs bench``: options, presets, and the top-level flow.
 
-Flow: parse options -> set up the HDD model (and enter its cgroup) -> run each
-chosen scenario -> print the table (or JSON) -> tear everything down.  Exit
-status is 0 if every run succeeded, 1 if any run failed, 2 on bad usage or
-when the benchmark could not start.
+Flow: parse options -> check the output paths -> set up the HDD model (and
+enter its cgroup) -> run each chosen scenario -> print the table (or JSON),
+write the result file and the picture -> tear everything down.  Exit status:
+see :data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import platform
@@ -18,9 +17,11 @@ import shlex
 import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from ..exitcodes import ExitCode
 from ..sizes import compact_size, parse_size
 from .cleanup import (
     BenchInterrupted,
@@ -28,10 +29,12 @@ from .cleanup import (
     install_signal_handlers,
     restore_signal_handlers,
 )
+from .figure import DEFAULT_TIMELINE_SCENARIO, build_figure_data
 from .hddmodel import HddModel, Throttle
 from .mount import AlignfsCommand
+from .plot import PlotError, check_output
 from .report import render_json, render_table
-from .results import RowResult, row_from_json
+from .results import CPU_PRESSURE_WARNING, ResultFileError, RowResult, load_result
 from .runner import Progress, Runner
 from .scenarios import (
     READ_SCENARIOS,
@@ -57,6 +60,19 @@ DEMO_PRESET: dict[str, Any] = {
     "savevm_caches": ("none",),
     "repeat": 1,
 }
+
+#: Where --demo writes its result and picture unless --json-file / --plot say.
+DEMO_RESULT = Path("alignfs-bench-demo.json")
+
+#: Exit status of ``alignfs bench`` (also in its --help).
+EXIT_CODES = (
+    (0, "every run succeeded"),
+    (1, "a run failed (see the notes column and the logs)"),
+    (int(ExitCode.USAGE), "bad command line, a --render file that is not a bench result of a "
+     "version this alignfs reads, a --plot name that is not .png/.svg, an output path that "
+     "cannot be written, matplotlib missing for --plot, or the benchmark could not start"),
+    (128, "+ signal number: interrupted (clean-up done)"),
+)
 
 #: Defaults for options left unset (after the preset).
 DEFAULTS: dict[str, Any] = {
@@ -104,7 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alignfs bench",
         description="Benchmark clients writing directly vs. through alignfs on a "
-        "throttled HDD model (zram + ext4 + blkio cgroup). Needs root.",
+        "throttled HDD model (zram + ext4 + blkio cgroup). Needs root. Working files "
+        "and mounts go under $TMPDIR (default /tmp).",
+        epilog="exit status:\n"
+        + "\n".join(
+            textwrap.fill(text, 78, initial_indent=f"  {code:3d}  ", subsequent_indent=" " * 7)
+            for code, text in EXIT_CODES
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--scenarios",
@@ -124,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="short preset: 512M savevm + 512M qemu-img bench, cache=none, "
-        "repeat 1 (explicit options still win)",
+        f"repeat 1; writes the result ({DEMO_RESULT}, or --json-file) and the picture "
+        "next to it (or --plot) and prints their paths (explicit options still win)",
     )
     p.add_argument(
         "--direct-only",
@@ -256,7 +280,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="JSON_FILE",
-        help="only print the table of a result file written by --json-file, then exit",
+        help="only print the table of a result file written by --json-file (and draw it "
+        "with --plot), then exit",
+    )
+    o.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="draw the picture to FILE (.png or .svg): direct vs alignfs per scenario "
+        "against the model's limit, and bytes over time of one alignfs run (needs "
+        "matplotlib: the alignfs[plot] extra)",
+    )
+    o.add_argument(
+        "--plot-timeline",
+        default=DEFAULT_TIMELINE_SCENARIO,
+        choices=SCENARIO_NAMES,
+        metavar="SCENARIO",
+        help="scenario whose alignfs run the picture shows over time (default "
+        f"{DEFAULT_TIMELINE_SCENARIO}; else the first write scenario run)",
     )
     o.add_argument(
         "--log-dir",
@@ -285,6 +327,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.bps = int(args.mbps * MiB)
     elif args.bps is None:
         args.bps = 150 * MiB
+    if args.demo and args.render is None:
+        if args.json_file is None:
+            args.json_file = (
+                args.plot.with_suffix(".json") if args.plot is not None else DEMO_RESULT
+            )
+        if args.plot is None:
+            args.plot = args.json_file.with_suffix(".png")
     if args.model_size is None:
         need = 2 * max(
             args.ram, args.bench_size, args.fio_1m_size, args.fio_size, args.fio_read_size
@@ -307,9 +356,6 @@ def scenario_options(args: argparse.Namespace) -> ScenarioOptions:
         fio_read_size=args.fio_read_size,
     )
 
-
-#: Share of a run's time with some task waiting for a CPU above which the report warns.
-CPU_PRESSURE_WARNING = 0.25
 
 
 def alignfs_command(args: argparse.Namespace) -> AlignfsCommand:
@@ -345,8 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    problem = check_outputs(args)
+    if problem:
+        print(f"alignfs bench: {problem}", file=sys.stderr)
+        return ExitCode.USAGE
     if args.render is not None:
-        return render_saved(args.render)
+        return render_saved(args.render, args.plot, args.plot_timeline)
     if os.geteuid() != 0:
         print(
             "alignfs bench: must run as root (zram, cgroups, mounts, drop_caches)", file=sys.stderr
@@ -363,17 +413,52 @@ def main(argv: list[str] | None = None) -> int:
         restore_signal_handlers(previous)
 
 
-def render_saved(path: Path) -> int:
-    """Print the header and table of a saved ``--json-file`` result."""
+def check_outputs(args: argparse.Namespace) -> str | None:
+    """Why the picture or result file could not be written, checked before any run."""
+    if args.plot is not None:
+        try:
+            check_output(args.plot)
+        except PlotError as exc:
+            return str(exc)
+    if args.json_file is not None and args.render is None:
+        if args.json_file.is_dir():
+            return f"cannot write the result to {args.json_file}: it is a directory"
+        try:
+            with tempfile.NamedTemporaryFile(dir=args.json_file.parent, prefix=".check-"):
+                pass
+        except OSError as exc:
+            return f"cannot write the result to {args.json_file}: {exc.strerror or exc}"
+    return None
+
+
+def write_plot(
+    rows: list[RowResult], meta: dict[str, Any], path: Path, timeline: str, stream: TextIO
+) -> int:
+    """Draw the picture and print its path to *stream*. Returns an exit status."""
+    from .plot import draw  # matplotlib is loaded only here
+
     try:
-        data = json.loads(path.read_text())
-        rows = [row_from_json(r) for r in data["rows"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"alignfs bench: cannot read {path}: {exc}", file=sys.stderr)
-        return 2
-    print(_header(data.get("meta", {})))
+        draw(build_figure_data(rows, meta, timeline), path)
+    except (OSError, PlotError) as exc:
+        print(f"alignfs bench: cannot write the picture {path}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"picture: {path.resolve()}", file=stream)
+    return ExitCode.OK
+
+
+def render_saved(path: Path, plot: Path | None = None,
+                 timeline: str = DEFAULT_TIMELINE_SCENARIO) -> int:
+    """Print the header and table of a saved ``--json-file`` result (and draw it)."""
+    try:
+        meta, rows = load_result(path)
+    except ResultFileError as exc:
+        print(f"alignfs bench: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(_header(meta))
     print(render_table(rows))
-    return 0
+    if plot is not None:
+        return write_plot(rows, meta, plot, timeline, sys.stdout)
+    return ExitCode.OK
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -399,7 +484,7 @@ def _run(args: argparse.Namespace) -> int:
     rows: list[RowResult] = []
     failed_runs = 0
     with CleanupStack("bench-main") as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+        workdir = Path(tempfile.mkdtemp(prefix="bench-"))
         stack.push(f"remove {workdir}", lambda: shutil.rmtree(workdir, ignore_errors=True))
         (workdir / "logs").mkdir()
         ram_dir = args.ram_dir / f"bench-{os.getpid()}"
@@ -407,9 +492,8 @@ def _run(args: argparse.Namespace) -> int:
         logs_kept = {"flag": True}  # cleared once every run succeeded
 
         def keep_logs() -> None:
-            target = args.log_dir or (
-                Path(f"/tmp/bench-logs-{os.getpid()}") if logs_kept["flag"] else None
-            )
+            kept = Path(tempfile.gettempdir()) / f"bench-logs-{os.getpid()}"
+            target = args.log_dir or (kept if logs_kept["flag"] else None)
             if target is not None and any((workdir / "logs").iterdir()):
                 shutil.copytree(workdir / "logs", target, dirs_exist_ok=True)
                 print(f"alignfs bench: logs kept in {target}", file=sys.stderr)
@@ -453,6 +537,14 @@ def _run(args: argparse.Namespace) -> int:
         print(render_table(rows))
         for msg in skipped:
             print(f"({msg})")
+    # With --json, stdout is the JSON alone: the paths go to stderr.
+    paths_to = sys.stderr if args.json else sys.stdout
+    if args.json_file:
+        print(f"result: {args.json_file.resolve()}", file=paths_to)
+    if args.plot is not None:
+        code = write_plot(rows, meta, args.plot, args.plot_timeline, paths_to)
+        if code != ExitCode.OK:
+            return code
     return 1 if failed_runs else 0
 
 

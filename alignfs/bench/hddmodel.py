@@ -135,7 +135,7 @@ class HddModel(StackOwner):
 
     def _setup(self) -> None:
         if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="bench-model-", dir="/tmp"))
+            self.workdir = Path(tempfile.mkdtemp(prefix="bench-model-"))
             self._own_workdir = True
             self._stack.push(f"rmdir {self.workdir}", self._rmdir_workdir)
         if self.directory is not None:

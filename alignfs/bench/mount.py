@@ -1,7 +1,9 @@
 """Driving the alignfs CLI: mount, stats, umount -- as a context manager.
 
-The harness only talks to alignfs through its command line (``mount``,
-``stats --json``, ``umount``), so it benchmarks exactly what a user runs.
+The harness talks to alignfs through its command line (``mount``,
+``stats --json``, ``umount``), so it benchmarks exactly what a user runs; only
+the ~10/s counter samples drawn in the picture read the control file
+in-process (:meth:`AlignfsMount.control_stats`).
 The command prefix is configurable; by default it is
 ``[sys.executable, "-m", "alignfs"]`` with the source tree on PYTHONPATH.
 
@@ -196,6 +198,17 @@ class AlignfsMount(StackOwner):
         except json.JSONDecodeError:
             log.warning("alignfs stats printed no JSON: %r", proc.stdout[:200])
             return None
+
+    def control_stats(self) -> dict[str, Any]:
+        """The daemon's counters read in-process, for sampling ~10 times a second.
+
+        The same control-file attribute ``alignfs stats --json`` reads; starting
+        that command ten times a second would cost the measured machine about
+        a CPU. Raises OSError when the mount is gone (or going).
+        """
+        from ..control import query_stats
+
+        return query_stats(str(self.mountpoint))
 
     def umount(self) -> bool:
         """``alignfs umount``; records its duration; returns False on failure.

@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .results import RowResult
+from .results import RESULT_FORMAT, RESULT_VERSION, RowResult
 
 HEADERS = (
     "scenario",
@@ -123,5 +123,18 @@ def render_table(rows: Sequence[RowResult]) -> str:
 
 
 def render_json(rows: Sequence[RowResult], meta: dict[str, Any]) -> str:
-    """All rows with their individual runs, plus *meta* (model, options, versions)."""
-    return json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]}, indent=2)
+    """All rows with their individual runs, plus *meta* (model, options, versions).
+
+    The file says what it is (``format``) and its layout's ``version``
+    (:data:`~alignfs.bench.results.RESULT_VERSION`), so ``--render`` can refuse
+    a file it would misread.
+    """
+    return json.dumps(
+        {
+            "format": RESULT_FORMAT,
+            "version": RESULT_VERSION,
+            "meta": meta,
+            "rows": [r.to_json() for r in rows],
+        },
+        indent=2,
+    )

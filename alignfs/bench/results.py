@@ -12,12 +12,24 @@ better alignfs is", so > 1 means alignfs wins for either metric.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 DIRECT = "direct"
 ALIGNFS = "alignfs"
+
+#: What a result file (``--json-file``) says it is, and the newest version of
+#: its layout this code reads and writes. Version 1 files (before the
+#: counter timelines) carry neither key and are still read.
+RESULT_FORMAT = "alignfs-bench-result"
+RESULT_VERSION = 2
+
+#: Share of a run's time with some task waiting for a CPU above which the
+#: table's header and the picture warn.
+CPU_PRESSURE_WARNING = 0.25
 
 #: A run whose throttled bytes are below this share of the device's bytes is
 #: flagged: most of its I/O went past the throttle (kernel writeback).
@@ -49,6 +61,9 @@ class RunResult:
     #: ``"write"`` or ``"read"``.  A read run has no data to make durable: its
     #: drain (the alignfs umount) is recorded but not part of the measured time.
     direction: str = "write"
+    #: alignfs runs: the daemon's counters sampled during the run (see
+    #: :mod:`alignfs.bench.sampler`); None for direct runs and old result files.
+    timeline: dict[str, Any] | None = None
 
     @property
     def drain_counted(self) -> bool:
@@ -330,3 +345,37 @@ def row_from_json(data: dict[str, Any]) -> RowResult:
         target_percent=data.get("target_percent"),
         target_speedup=data.get("target_speedup"),
     )
+
+
+class ResultFileError(Exception):
+    """A result file that cannot be used: unreadable, not a result, or another version."""
+
+
+def load_result(path: Path) -> tuple[dict[str, Any], list[RowResult]]:
+    """The meta data and rows of a saved result file (any version up to ours).
+
+    Raises :class:`ResultFileError` with a message for the user.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ResultFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise ResultFileError(f"{path} is not JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ResultFileError(f"{path} is not an alignfs bench result (no list of rows)")
+    fmt = data.get("format", RESULT_FORMAT)
+    if fmt != RESULT_FORMAT:
+        raise ResultFileError(f"{path} is not an alignfs bench result (format {fmt!r})")
+    version = data.get("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= RESULT_VERSION:
+        raise ResultFileError(
+            f"{path} is an alignfs bench result of format version {version!r}; this alignfs "
+            f"reads versions 1 to {RESULT_VERSION} (written by another alignfs version)"
+        )
+    try:
+        rows = [row_from_json(r) for r in data["rows"]]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ResultFileError(f"{path} is not an alignfs bench result (bad row: {exc!r})") from exc
+    meta = data.get("meta")
+    return (meta if isinstance(meta, dict) else {}), rows

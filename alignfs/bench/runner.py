@@ -8,7 +8,9 @@ alternate direct / alignfs), and for each one:
    scenario asks for it: read scenarios prefill large files);
 2. syncs and drops the page cache, sets the throttle for the scenario;
 3. for an alignfs case, mounts a fresh alignfs over the run directory;
-4. runs the client (timed by the scenario);
+4. runs the client (timed by the scenario); on the alignfs side the daemon's
+   counters are sampled ~10 times a second until the umount returns (the
+   run's ``timeline``, drawn by ``--plot``);
 5. drains: ``fsync`` of the client's files, then for alignfs ``stats`` and
    ``umount`` (which only returns once all data is written) -- the drain
    time is part of the measured time of a write scenario (a read scenario
@@ -30,6 +32,7 @@ from pathlib import Path
 from .hddmodel import HddModel
 from .mount import AlignfsCommand, AlignfsMount
 from .results import ALIGNFS, DIRECT, RowResult, RunResult
+from .sampler import DEFAULT_INTERVAL, CounterSampler
 from .scenarios import BenchContext, Case, ClientOutcome, Scenario
 from .sysutil import cpu_pressure_total, drop_caches
 
@@ -102,6 +105,8 @@ class Runner:
         self.progress = progress
         self.drop = drop
         self.sides = {DIRECT, ALIGNFS}
+        #: seconds between samples of the daemon's counters during an alignfs run
+        self.sample_interval = DEFAULT_INTERVAL
         self._run_no = 0
 
     def _cases(self, scenario: Scenario) -> list[Case]:
@@ -223,13 +228,26 @@ class Runner:
         logs = self.ctx.workdir / "logs"
         with AlignfsMount(self.alignfs, mountpoint, backing, logs) as mnt:
             cpu0 = mnt.daemon_cpu()
-            outcome = scenario.run(case, mountpoint, self.ctx)
-            self._record_outcome(result, outcome)
-            t0 = time.monotonic()
-            _fsync_files(mountpoint, outcome.files)
-            fsync_seconds = time.monotonic() - t0
-            result.stats = mnt.stats()
-            ok = mnt.umount()
+            sampler = CounterSampler(mnt.control_stats, interval=self.sample_interval)
+            sampler.start()
+            try:
+                began = time.monotonic()
+                outcome = scenario.run(case, mountpoint, self.ctx)
+                self._record_outcome(result, outcome)
+                t0 = time.monotonic()
+                _fsync_files(mountpoint, outcome.files)
+                fsync_seconds = time.monotonic() - t0
+                result.stats = mnt.stats()
+                sampler.add(time.monotonic(), result.stats)
+                ok = mnt.umount()
+                durable = time.monotonic()
+            finally:
+                sampler.stop()
+            start = outcome.started if outcome.started is not None else began
+            result.timeline = sampler.timeline(
+                origin=start,
+                events={"client_done": start + outcome.seconds, "durable": durable},
+            )
             cpu1 = mnt.last_daemon_cpu  # last sample before the daemon exited
             if cpu0 is not None and cpu1 is not None:
                 result.daemon_cpu_seconds = cpu1 - cpu0

@@ -73,6 +73,9 @@ class ClientOutcome:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``time.monotonic()`` when the timed part began, if not when ``run`` was
+    #: called (savevm first starts a VM): where a run's timeline starts.
+    started: float | None = None
 
 
 @dataclass
@@ -229,6 +232,7 @@ class SavevmScenario(Scenario):
         vm = PausedVm(argv, sock, log_path)
         try:
             with vm:
+                started = time.monotonic()
                 seconds = vm.savevm("snap1", timeout=ctx.timeout)
                 status = vm.quit()
         except Exception as exc:
@@ -237,7 +241,7 @@ class SavevmScenario(Scenario):
             sock.unlink(missing_ok=True)
         if status != 0:
             raise RuntimeError(f"qemu exited with {status}: {vm.log_tail(500)}")
-        return ClientOutcome(seconds, self.ram, files=["disk.qcow2"])
+        return ClientOutcome(seconds, self.ram, files=["disk.qcow2"], started=started)
 
     def verify(self, case: Case, backing: Path) -> str | None:
         image = str(backing / "disk.qcow2")
@@ -627,7 +631,7 @@ class LoadvmScenario(SavevmScenario):
         if status != 0:
             raise RuntimeError(f"qemu exited with {status}: {vm.log_tail(500)}")
         # Nothing was written: no files to fsync.
-        return ClientOutcome(seconds, self.ram)
+        return ClientOutcome(seconds, self.ram, started=t0)
 
     def verify(self, case: Case, backing: Path) -> str | None:
         assert self.ram_file is not None and self.target_file is not None
