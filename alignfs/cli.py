@@ -22,7 +22,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from .control import XATTR_FLUSH, XATTR_UMOUNT, query_stats, request
 from .exitcodes import ExitCode, describe
 from .mounts import fuse_mount_type, is_stale
 from .sizes import format_size, parse_size
+from .stats import describe as describe_stats
 
 log = logging.getLogger("alignfs")
 
@@ -559,35 +560,26 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-STATS_ROWS = [
-    ("write requests in", "write_requests", int),
-    ("bytes written in", "write_bytes", format_size),
-    ("backing writes out", "backing_writes", int),
-    ("bytes written out", "backing_write_bytes", format_size),
-    ("mean backing write", "mean_backing_write_size", format_size),
-    ("unaligned backing writes", "unaligned_backing_writes", int),
-    ("read-modify-write block reads", "rmw_block_reads", int),
-    ("read requests in", "read_requests", int),
-    ("reads answered from buffers", "reads_from_buffers", int),
-    ("backing reads out", "backing_reads", int),
-    ("read-ahead hits", "readahead_hits", int),
-    ("bytes read ahead", "readahead_bytes", format_size),
-    ("read-ahead wasted", "readahead_wasted_bytes", format_size),
-    ("read-ahead errors", "readahead_errors", int),
-    ("fsync requests", "fsyncs", int),
-    ("backing fsyncs", "backing_fsyncs", int),
-    ("dirty now", "dirty_bytes", format_size),
-    ("dirty peak", "peak_dirty_bytes", format_size),
-    ("writer wait (s)", "writer_wait_seconds", lambda v: f"{v:.3f}"),
-    ("backing errors", "backing_errors", int),
-    ("writes dropped (permanent error)", "lost_writes", int),
-]
+_PRINT_UNIT: dict[str, Callable[[Any], str]] = {
+    "count": lambda v: str(int(v)),
+    "bytes": format_size,
+    "seconds": lambda v: f"{v:.3f}",
+}
+
+
+def _stats_rows() -> list[tuple[str, str, Callable[[Any], str]]]:
+    """(label, key, format) of each counter (declared in alignfs.stats), flushes last."""
+    rows = [(c.label, c.key, _PRINT_UNIT[c.unit]) for c in describe_stats()
+            if c.key != "flushes"]
+    rows.insert(next(i for i, r in enumerate(rows) if r[1] == "backing_write_bytes") + 1,
+                ("mean backing write", "mean_backing_write_size", format_size))
+    return rows
 
 
 def render_stats(stats: dict[str, Any]) -> str:
     lines = [f"alignfs {stats.get('mountpoint')} -> {stats.get('backing')} "
              f"(pid {stats.get('pid')})"]
-    for label, key, fmt in STATS_ROWS:
+    for label, key, fmt in _stats_rows():
         if key in stats:
             lines.append(f"  {label:32s} {fmt(stats[key])}")
     flushes = stats.get("flushes", {})

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import stats as stats_fields
+
 log = logging.getLogger(__name__)
 
 PREFIX = "alignfs_"
@@ -50,32 +52,17 @@ def _g(key: str, help: str, name: str | None = None) -> Metric:
     return Metric(key, PREFIX + (name or key), "gauge", help)
 
 
-#: One entry per field of alignfs.stats.Stats.
-METRICS: tuple[Metric, ...] = (
-    _c("write_requests", "Write requests received from clients."),
-    _c("write_bytes", "Bytes written by clients."),
-    _c("read_requests", "Read requests received from clients."),
-    _c("read_bytes", "Bytes read by clients."),
-    _c("reads_from_buffers", "Reads answered entirely from buffered data."),
-    _c("backing_writes", "Writes made to BACKING."),
-    _c("backing_write_bytes", "Bytes written to BACKING."),
-    _c("unaligned_backing_writes", "Writes to BACKING not aligned for direct I/O."),
-    _c("backing_reads", "Reads made from BACKING."),
-    _c("backing_read_bytes", "Bytes read from BACKING."),
-    _c("rmw_block_reads", "Partly covered blocks read back from BACKING before a write."),
-    _c("readahead_hits", "Reads served from read-ahead data."),
-    _c("readahead_bytes", "Bytes read ahead from BACKING."),
-    _c("readahead_wasted_bytes", "Bytes read ahead and dropped unread."),
-    _c("fsyncs", "fsync and fdatasync requests from clients."),
-    _c("backing_fsyncs", "fsyncs of BACKING files."),
-    _c("backing_errors", "Failed writes, reads or fsyncs of BACKING."),
-    _g("dirty_bytes", "Bytes buffered and not yet written to BACKING."),
-    _g("peak_dirty_bytes", "Highest dirty bytes since the mount."),
-    _g("buffers_in_use", "Write buffers taken from the pool."),
-    _c("writer_wait_seconds", "Seconds writers waited for buffer memory (--max-dirty)."),
-    Metric("flushes", PREFIX + "buffer_flushes_total", "counter",
-           "Buffers written to BACKING, by the reason they were written.", label="cause"),
-)
+def _from_stats(counter: stats_fields.Counter) -> Metric:
+    if counter.key == "flushes":
+        return Metric("flushes", PREFIX + "buffer_flushes_total", "counter", counter.help,
+                      label="cause")
+    if counter.kind == "counter":
+        return _c(counter.key, counter.help)
+    return _g(counter.key, counter.help)
+
+
+#: One entry per field of alignfs.stats.Stats, declared there.
+METRICS: tuple[Metric, ...] = tuple(_from_stats(c) for c in stats_fields.describe())
 
 #: Settings and state of a mount that are not counters of Stats.
 MOUNT_GAUGES: tuple[Metric, ...] = (

@@ -3,57 +3,104 @@
 They are how coalescing is proven rather than claimed: for a sequential
 unaligned stream, ``backing_writes`` is about ``write_bytes / buffer_size`` and
 ``unaligned_backing_writes`` stays 0.
+
+Each counter is declared once, here, with what every view of it needs: the
+row label of ``alignfs stats``, the help text and type of its Prometheus
+metric, and its unit (how it is printed, and which rates ``--watch`` makes of
+it). :func:`describe` lists them; the views iterate it, so a counter added or
+renamed here shows up everywhere, and nowhere under its old name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 FLUSH_CAUSES = ("full", "moved_on", "age", "pressure", "fsync", "close", "unmount", "truncate")
 
 
+@dataclasses.dataclass(frozen=True)
+class Counter:
+    """What the views of one Stats field need to know."""
+
+    key: str
+    #: "counter" (only grows) or "gauge" (goes up and down)
+    kind: str
+    #: "count", "bytes" or "seconds"
+    unit: str
+    #: row label of ``alignfs stats``
+    label: str
+    #: one sentence for the Prometheus HELP line
+    help: str
+
+
+def _field(kind: str, unit: str, label: str, help: str, default: Any = 0) -> Any:
+    meta = {"kind": kind, "unit": unit, "label": label, "help": help}
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _count(label: str, help: str, unit: str = "count") -> Any:
+    return _field("counter", unit, label, help)
+
+
+def _gauge(label: str, help: str, unit: str = "bytes") -> Any:
+    return _field("gauge", unit, label, help)
+
+
 @dataclasses.dataclass
 class Stats:
     # requests from clients
-    write_requests: int = 0
-    write_bytes: int = 0
-    read_requests: int = 0
-    read_bytes: int = 0
-    #: reads answered entirely from buffered data (no backing read)
-    reads_from_buffers: int = 0
-    #: reads that touched a known hole of BACKING (answered with zeros, not read)
-    hole_reads: int = 0
+    write_requests: int = _count("write requests in", "Write requests received from clients.")
+    write_bytes: int = _count("bytes written in", "Bytes written by clients.", "bytes")
+    read_requests: int = _count("read requests in", "Read requests received from clients.")
+    read_bytes: int = _count("bytes read out", "Bytes read by clients.", "bytes")
+    reads_from_buffers: int = _count(
+        "reads answered from buffers", "Reads answered entirely from buffered data.")
+    hole_reads: int = _count(
+        "reads of known holes", "Reads that touched a known hole of BACKING (zeros, not read).")
     # what reached BACKING
-    backing_writes: int = 0
-    backing_write_bytes: int = 0
-    #: O_DIRECT writes that were not aligned (a bug if ever non-zero)
-    unaligned_backing_writes: int = 0
-    #: the part of a last block below EOF, written through the page cache
-    #: (an O_DIRECT write of the whole block would pad the file past its size)
-    tail_writes: int = 0
-    backing_reads: int = 0
-    backing_read_bytes: int = 0
-    rmw_block_reads: int = 0
-    #: reads served from read-ahead segments, bytes read ahead, bytes dropped unread
-    readahead_hits: int = 0
-    readahead_bytes: int = 0
-    readahead_wasted_bytes: int = 0
-    #: read-ahead fetches that failed (each a miss: its reads went to the backing file)
-    readahead_errors: int = 0
-    fsyncs: int = 0
-    backing_fsyncs: int = 0
-    backing_errors: int = 0
-    #: writes dropped by a permanent write-out error (EFBIG), and their bytes
-    lost_writes: int = 0
-    lost_bytes: int = 0
+    backing_writes: int = _count("backing writes out", "Writes made to BACKING.")
+    backing_write_bytes: int = _count("bytes written out", "Bytes written to BACKING.", "bytes")
+    unaligned_backing_writes: int = _count(
+        "unaligned backing writes", "O_DIRECT writes to BACKING that were not aligned.")
+    tail_writes: int = _count(
+        "last blocks below EOF", "Parts of a last block below EOF, written through the page "
+        "cache (a whole O_DIRECT block would pad the file past its size).")
+    backing_reads: int = _count("backing reads out", "Reads made from BACKING.")
+    backing_read_bytes: int = _count("bytes read from backing", "Bytes read from BACKING.",
+                                     "bytes")
+    rmw_block_reads: int = _count(
+        "read-modify-write block reads",
+        "Partly covered blocks read back from BACKING before a write.")
+    readahead_hits: int = _count("read-ahead hits", "Reads served from read-ahead data.")
+    readahead_bytes: int = _count("bytes read ahead", "Bytes read ahead from BACKING.", "bytes")
+    readahead_wasted_bytes: int = _count(
+        "read-ahead wasted", "Bytes read ahead and dropped unread.", "bytes")
+    readahead_errors: int = _count(
+        "read-ahead errors", "Read-ahead fetches that failed (their reads went to BACKING).")
+    fsyncs: int = _count("fsync requests", "fsync and fdatasync requests from clients.")
+    backing_fsyncs: int = _count("backing fsyncs", "fsyncs of BACKING files.")
+    backing_errors: int = _count("backing errors", "Failed writes, reads or fsyncs of BACKING.")
+    lost_writes: int = _count(
+        "writes dropped (permanent error)", "Writes dropped by a permanent write-out error "
+        "(EFBIG).")
+    lost_bytes: int = _count("bytes dropped", "Bytes dropped by permanent write-out errors.",
+                             "bytes")
     # memory
-    dirty_bytes: int = 0
-    peak_dirty_bytes: int = 0
-    buffers_in_use: int = 0
-    writer_wait_seconds: float = 0.0
-    flushes: dict[str, int] = dataclasses.field(
-        default_factory=lambda: dict.fromkeys(FLUSH_CAUSES, 0))
+    dirty_bytes: int = _gauge("dirty now", "Bytes buffered and not yet written to BACKING.")
+    peak_dirty_bytes: int = _gauge("dirty peak", "Highest dirty bytes since the mount.")
+    buffers_in_use: int = _gauge("buffers in use", "Write buffers taken from the pool.",
+                                 "count")
+    writer_wait_seconds: float = _field(
+        "counter", "seconds", "writer wait (s)",
+        "Seconds writers waited for buffer memory (--max-dirty).", 0.0)
+    flushes: dict[str, int] = _field(
+        "counter", "count", "buffer flushes by cause",
+        "Buffers written to BACKING, by the reason they were written.",
+        lambda: dict.fromkeys(FLUSH_CAUSES, 0))
 
     def add_dirty(self, n: int) -> None:
         self.dirty_bytes += n
@@ -65,3 +112,9 @@ class Stats:
         out["mean_backing_write_size"] = (
             self.backing_write_bytes // self.backing_writes if self.backing_writes else 0)
         return out
+
+
+def describe() -> Iterator[Counter]:
+    """Every field of :class:`Stats`, in declaration order."""
+    for f in dataclasses.fields(Stats):
+        yield Counter(f.name, **f.metadata)

@@ -149,3 +149,12 @@ def test_dead_daemon_is_reported_down_and_the_rest_still_written(mount_alignfs) 
         assert res.returncode == 4 and res.stdout == ""
     finally:
         assert run_alignfs("umount", str(dead.mountpoint)).returncode == 0
+
+
+def test_bench_and_watch_keys_are_stats_fields() -> None:
+    """The bench's stored counters and the sampler's name Stats fields that exist."""
+    from alignfs.bench import mount, sampler
+
+    fields = {f.name for f in dataclasses.fields(Stats)} | {"mean_backing_write_size"}
+    assert set(mount.STAT_KEYS) <= fields
+    assert set(sampler.COUNTERS) <= fields
