@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import sdnotify
+from . import fuse_loop, sdnotify
 from .backing_io import BackingIO, detect_alignment
 from .config import ConfigError, MountConfig
 from .control import ControlFile
@@ -267,6 +267,7 @@ class Daemon:
                     self._nursery = nursery
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._announce_ready)
+                    fuse_loop.install()
                     await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
                     nursery.cancel_scope.cancel()
                 self.ops.close_all()
