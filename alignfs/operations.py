@@ -677,11 +677,17 @@ class Operations(pyfuse3.Operations):
             return
         # A read-only handle: write out what other handles buffered, then sync
         # through this handle's own descriptor (the CachedFile may be released,
-        # and its descriptor closed, meanwhile).
-        cf = self.cache.cached(handle.inode.key)
+        # and its descriptor closed, meanwhile). Data dropped for good fails
+        # this fsync as it would a writer's.
+        node = handle.inode
+        cf = self.cache.cached(node.key)
         if cf is not None:
             await cf.write_back("fsync")
-        await self.io.data(self.io.sync, handle.fd, datasync, handle.inode.name)
+        await self.io.data(self.io.sync, handle.fd, datasync, node.name)
+        lost = cf.take_lost_error() if cf is not None else \
+            self.cache.take_unreported_loss(node.key, node.name)
+        if lost is not None:
+            raise lost
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)

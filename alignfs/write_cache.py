@@ -267,13 +267,19 @@ class CachedFile:
             return
         await self.write_back("fsync")
         await self.sync_backing(datasync)
-        if self.lost_error is not None:
-            exc, self.lost_error = self.lost_error, None
-            cache.unreported_losses.pop(self.key, None)
-            raise exc
+        lost = self.take_lost_error()
+        if lost is not None:
+            raise lost
         self.synced_data_gen = max(self.synced_data_gen, gen)
         if not datasync:
             self.synced_full_gen = max(self.synced_full_gen, gen)
+
+    def take_lost_error(self) -> OSError | None:
+        """The error of data dropped since the last fsync that reported one (once)."""
+        exc, self.lost_error = self.lost_error, None
+        if exc is not None:
+            self.cache.unreported_losses.pop(self.key, None)
+        return exc
 
     async def sync_backing(self, datasync: bool) -> None:
         """fsync/fdatasync the backing file.
@@ -519,6 +525,14 @@ class WriteCache:
         window split by an fsync or pressure). A window whose pieces arrive out
         of order reaches its end before it is complete: that does not count."""
         return len(buf.ranges) == 1 and buf.ranges.last() == self.buffer_size
+
+    def take_unreported_loss(self, key: Key, name: str) -> OSError | None:
+        """For a file with no CachedFile now: the loss no fsync has reported yet (once)."""
+        lost = self.unreported_losses.get(key)
+        if lost is None or lost[0] != name:
+            return None
+        del self.unreported_losses[key]
+        return lost[1]
 
     def cached(self, key: Key) -> CachedFile | None:
         """The CachedFile of *key*, if the file has one now."""

@@ -8,6 +8,7 @@ a backing call whose result is held back while another request runs.
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import pyfuse3
 import pytest
 import trio
 import trio.testing
+from conftest import set_faults
 
 from alignfs.backing_io import BackingIO
 from alignfs.operations import Operations
@@ -250,3 +252,34 @@ async def test_a_write_out_never_makes_backing_larger_than_the_file(tmp_path: Pa
         cache.detach(cf)
     assert io.sizes and max(io.sizes) <= 80000, io.sizes
     assert backing.read_bytes() == b"a" * 10000 + b"b" * 70000
+
+
+async def test_fsync_of_a_read_only_handle_reports_dropped_data(tmp_path: Path) -> None:
+    """A write-out that fails for good (EFBIG) drops the data; an fsync through
+    a read-only handle of the file must fail as a writer's would, once."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    faults = tmp_path / "faults.json"
+    root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
+    io = BackingIO(2, fault_file=faults)
+    try:
+        async with WriteCache.running(io, Stats(), buffer_size=64 * 1024,
+                                      max_dirty=1 << 20, buffers_per_file=2,
+                                      flush_delay=60.0, align=4096) as cache:
+            ops = Operations(root_fd, io, cache)
+            info, entry = await ops.create(pyfuse3.ROOT_INODE, b"img", 0o644,
+                                           os.O_RDWR | os.O_CREAT, FakeContext())
+            reader = await ops.open(entry.st_ino, os.O_RDONLY, FakeContext())
+            assert await ops.write(info.fh, 1 << 20, b"x" * 100) == 100
+            set_faults(faults, {"write": "EFBIG"})
+            await ops.release(info.fh)  # the last writer: the write-out drops the data
+            await cache.flush_all(sync=False)
+            set_faults(faults, None)
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                await ops.fsync(reader.fh, False)
+            assert err.value.errno == errno.EFBIG
+            await ops.fsync(reader.fh, False)  # reported once
+            await ops.release(reader.fh)
+    finally:
+        os.close(root_fd)
+        io.close()
