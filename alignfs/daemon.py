@@ -203,7 +203,8 @@ class Daemon:
                 control = ControlFile(st.st_uid if os.geteuid() == 0 else os.geteuid(),
                                       st.st_gid, self.stats_dict, self._flush_request,
                                       self._umount_request)
-                self.ops = Operations(root_fd, io, cache, readahead=readahead, control=control)
+                self.ops = Operations(root_fd, io, cache, readahead=readahead, control=control,
+                                      xattr=cfg.xattr)
                 try:
                     pyfuse3.init(self.ops, str(cfg.mountpoint), self._fuse_options())
                 except RuntimeError as exc:

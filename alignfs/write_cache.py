@@ -158,7 +158,8 @@ class CachedFile:
             self.write_gen += 1
         cache.stats.write_requests += 1
         cache.stats.write_bytes += len(data)
-        self.mtime_ns = time.time_ns()
+        if not cache.kernel_times:
+            self.mtime_ns = time.time_ns()
 
     async def read(self, off: int, size: int,
                    backing_read: Callable[[int, int], Awaitable[bytes]]) -> bytes:
@@ -318,6 +319,10 @@ class WriteCache:
         self._on_backing_changed = on_backing_changed
         #: Tells stats of BACKING taken while a CachedFile ended (see stat_fence).
         self.fence = StatFence()
+        #: The kernel keeps the files' mtime (FUSE writeback cache) and sends it
+        #: with SETATTR when it changes: a WRITE does not set it, and a
+        #: write-out puts back the backing mtime it found (see _pwrite_plan).
+        self.kernel_times = False
 
     @classmethod
     @asynccontextmanager
@@ -672,11 +677,15 @@ class WriteCache:
     def _pwrite_plan(self, cf: CachedFile, buf: Buffer,
                      plan: list[tuple[int, int, bool]]) -> None:
         """Worker thread: the planned pwrites, then the client's mtime put back
-        (each pwrite sets it to now)."""
+        (each pwrite sets it to now). With kernel_times and no mtime known,
+        the one the file had before: the kernel shows that one until it sends
+        its own."""
+        mtime = cf.mtime_ns
+        if mtime is None and self.kernel_times:
+            mtime = os.fstat(cf.fd).st_mtime_ns
         for start, end, direct in plan:
             fd = cf.fd if direct else self._tail_fd(cf)
             self.io.pwrite_all(fd, buf.view[start:end], buf.window + start, cf.name)
-        mtime = cf.mtime_ns
         if mtime is not None:
             syscalls.set_mtime(cf.fd, mtime)
 
