@@ -604,6 +604,8 @@ class Operations(pyfuse3.Operations):
         try:
             if writable:
                 handle.cached = await self.cache.attach(node.key, self._reopen(node), node.name)
+                if flags & os.O_DIRECT:
+                    handle.cached.direct_handles += 1
             if flags & os.O_TRUNC:
                 cf = handle.cached or self.cache.cached(node.key)
                 if cf is not None:
@@ -616,6 +618,8 @@ class Operations(pyfuse3.Operations):
                 handle.ra = await self.readahead.attach(node.key, self._reopen(node), node.name)
         except BaseException:
             if handle.cached is not None:
+                if flags & os.O_DIRECT:
+                    handle.cached.direct_handles -= 1
                 self.cache.detach(handle.cached)
             os.close(fd)
             raise
@@ -763,6 +767,8 @@ class Operations(pyfuse3.Operations):
 
     def _drop_handle(self, handle: Handle) -> None:
         if handle.cached is not None:
+            if handle.flags & os.O_DIRECT:
+                handle.cached.direct_handles -= 1
             self.cache.detach(handle.cached)
         if handle.ra is not None and self.readahead is not None:
             self.readahead.detach(handle.ra, handle.seq)

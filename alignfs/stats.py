@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-FLUSH_CAUSES = ("full", "moved_on", "age", "pressure", "fsync", "close", "unmount", "truncate")
+FLUSH_CAUSES = ("full", "moved_on", "age", "idle", "pressure", "fsync", "close", "unmount",
+                "truncate")
 
 
 @dataclasses.dataclass

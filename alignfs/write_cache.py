@@ -64,11 +64,16 @@ PERMANENT_ERRNOS = frozenset({errno.EFBIG})
 #: Largest file offset Linux allows.
 MAX_OFFSET = (1 << 63) - 1
 
+#: Seconds without a write after which a buffer filled by the kernel's
+#: writeback is sealed (see WriteCache._seal_idle).
+IDLE_SEAL = 0.5
+
 
 class Buffer:
     """One window's worth of buffered data, in page-aligned memory."""
 
-    __slots__ = ("mem", "view", "window", "ranges", "filled", "born", "done", "file")
+    __slots__ = ("mem", "view", "window", "ranges", "filled", "born", "touched", "done",
+                 "file")
 
     def __init__(self, file: CachedFile, mem: mmap.mmap, window: int, born: float) -> None:
         self.file = file
@@ -79,6 +84,8 @@ class Buffer:
         #: Bytes covered (== ranges.total(), kept up to date cheaply).
         self.filled = 0
         self.born = born
+        #: When a write last landed here (for sealing idle kernel-fed buffers).
+        self.touched = born
         #: True once written to BACKING (or dropped) and returned to the pool.
         self.done = False
 
@@ -109,6 +116,9 @@ class CachedFile:
         self.lock = trio.Lock()
         self.progress = trio.lowlevel.ParkingLot()
         self.handles = 0
+        #: Handles opened with O_DIRECT: while there is none, every WRITE
+        #: comes from the kernel's writeback (see WriteCache._seal_idle).
+        self.direct_handles = 0
         #: Set when the cache dropped this file and closed fd.
         self.closed = False
         #: A failing write-out (data kept, retried); refuses writes until it works.
@@ -149,6 +159,7 @@ class CachedFile:
             n = min(end, window + bsize) - pos
             rel = pos - window
             buf.view[rel:rel + n] = view[pos - off:pos - off + n]
+            buf.touched = trio.current_time()
             added = buf.ranges.add(rel, rel + n)
             buf.filled += added
             cache.stats.add_dirty(added)
@@ -700,11 +711,38 @@ class WriteCache:
 
     # -- timers and shutdown ---------------------------------------------------
 
+    def _idle_delay(self) -> float | None:
+        """How long a kernel-fed buffer may go without a write before it is
+        sealed (None: only the age rule applies)."""
+        return min(IDLE_SEAL, self.flush_delay) if self.kernel_times else None
+
+    def _seal_idle(self, now: float, idle: float) -> None:
+        """Seal buffers of files written only by the kernel's writeback that
+        got no write for *idle* seconds.
+
+        The kernel held those bytes in its page cache already (until its
+        dirty limits, its 30 s expiry, sync(2), fsync or close sent them);
+        keeping them for --flush-delay more only delays durability: after
+        ``sync`` alignfs starts writing at once. A writeback pass sends a
+        file's pages back to back in up to 1 MiB requests, so a pause means
+        the pass is over. Files with an O_DIRECT handle (QEMU cache=none)
+        are left to the usual rules: their writers send small requests
+        themselves, with pauses, into windows they come back to.
+        """
+        for buf in [b for b in self.filling if b.file.direct_handles == 0
+                    and now - b.touched >= idle]:
+            self.seal(buf, "idle")
+
     async def _age_loop(self) -> None:
         tick = min(self.flush_delay / 4, 1.0)
+        idle = self._idle_delay()
+        if idle is not None:
+            tick = min(tick, idle / 2)
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
+            if idle is not None:
+                self._seal_idle(now, idle - tick)
             while self.filling:
                 buf = next(iter(self.filling))
                 if now - buf.born < self.flush_delay - tick:
