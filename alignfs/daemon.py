@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import sdnotify
+from . import sdnotify, syscalls
 from .backing_io import BackingIO, detect_alignment
 from .config import ConfigError, MountConfig
 from .control import ControlFile
@@ -70,6 +70,8 @@ class Daemon:
         self.ops: Operations | None = None
         self.align = 0
         self._stopping = False
+        #: st_dev of the mounted filesystem, once it answers.
+        self._mount_dev: int | None = None
         self._nursery: trio.Nursery | None = None
         self.exit_code = ExitCode.OK
 
@@ -84,8 +86,33 @@ class Daemon:
                    open_files=len(self.cache.files) if self.cache else 0)
         return out
 
+    async def _kernel_writeback(self) -> None:
+        """Make the kernel send the dirty pages it holds for this mount.
+
+        With the writeback cache, bytes written before a flush, unmount or
+        SIGTERM may still be in the kernel's page cache; once the daemon
+        stops serving they could no longer reach it. A syncfs of the mount
+        from a worker thread sends them (this thread serves the WRITEs) and
+        returns when they are answered. Skipped when the mount is gone.
+        """
+        def sync_mount(path: str, dev: int | None) -> None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_dev == dev:
+                    syscalls.syncfs(fd)
+            finally:
+                os.close(fd)
+        if self._mount_dev is None:
+            return
+        try:
+            await trio.to_thread.run_sync(sync_mount, str(self.config.mountpoint),
+                                          self._mount_dev)
+        except OSError as exc:
+            log.warning("could not make the kernel write back its pages: %s", exc)
+
     async def _flush_request(self) -> None:
         assert self.cache is not None
+        await self._kernel_writeback()
         failures = await self.cache.flush_all("unmount")
         if failures:
             raise FUSEError(failures[0][1].errno or errno.EIO)
@@ -109,6 +136,7 @@ class Daemon:
         # its stop timeout for as long as data keeps moving.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report_progress)
+            await self._kernel_writeback()
             failures = await self.cache.flush_all("unmount")
             nursery.cancel_scope.cancel()
         if failures:
@@ -129,13 +157,15 @@ class Daemon:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: writing everything back")
                     assert self.cache is not None
+                    await self._kernel_writeback()
                     await self.cache.flush_all("unmount")
                     continue
                 self._begin_stop(signal.Signals(signum).name)
 
     async def _announce_ready(self) -> None:
         # A worker thread stats the mountpoint while this thread serves it.
-        await trio.to_thread.run_sync(os.stat, str(self.config.mountpoint))
+        st = await trio.to_thread.run_sync(os.stat, str(self.config.mountpoint))
+        self._mount_dev = st.st_dev
         log.info("mounted %s on %s (buffers %s, max dirty %s, alignment %d)",
                  self.config.backing, self.config.mountpoint,
                  format_size(self.config.buffer_size), format_size(self.config.max_dirty),

@@ -13,13 +13,14 @@ import errno
 import mmap
 import os
 import random
+import signal
 import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import read_direct, run_alignfs, wait_until
+from conftest import daemon_exit_status, pid_gone, read_direct, run_alignfs, wait_until
 from test_coalescing import read_trace
 from test_posix import NOBODY, py_as_nobody, umount_ok, write_synced
 
@@ -370,3 +371,32 @@ def test_xattr_option_spellings():
     assert config_from_args(ns).xattr is True
     assert translate_mount_helper(["/b", "/m", "-o", "xattr=off,allow_other"]) == \
         ["mount", "/m", "/b", "--xattr", "off", "--allow-other"]
+
+
+def test_flush_and_sigterm_include_the_kernels_dirty_pages(mount_alignfs):
+    """Bytes still in the kernel's page cache (descriptor open, no fsync) are
+    part of ``alignfs flush`` and of the write-back at SIGTERM: the daemon
+    syncfs's its own mount first."""
+    m = mount_alignfs("--flush-delay", "3600")
+    data = random.Random(8).randbytes(2 * MiB + 5)
+    fd = os.open(m.mountpoint / "a", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        res = run_alignfs("flush", str(m.mountpoint))
+        assert res.returncode == 0, res.stderr
+        assert read_direct(m.backing / "a") == data
+    finally:
+        os.close(fd)
+    fd = os.open(m.mountpoint / "b", os.O_WRONLY | os.O_CREAT, 0o644)
+    pid = m.pid
+    try:
+        os.write(fd, data)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: pid_gone(pid), timeout=60)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is gone
+    assert daemon_exit_status(pid) == 0
+    assert read_direct(m.backing / "b") == data
