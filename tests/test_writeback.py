@@ -317,16 +317,19 @@ def test_capability_answer_follows_changes_through_the_mount(mount_alignfs):
     assert e.value.errno == errno.ENODATA
 
 
-def test_write_by_other_user_drops_setuid_setgid_and_capability(mount_alignfs):
+@pytest.mark.parametrize("xattr", ["on", "off"])
+def test_write_by_other_user_drops_setuid_setgid_and_capability(mount_alignfs, xattr):
     """The kernel clears them on a write by an unprivileged user (file_remove_privs,
-    sent as SETATTR and REMOVEXATTR), with the writeback cache too."""
-    m = mount_alignfs("--allow-other")
+    sent as SETATTR and REMOVEXATTR), with the writeback cache too, and the
+    setuid/setgid bits with --xattr off as well."""
+    m = mount_alignfs("--allow-other", "--xattr", xattr)
     os.chmod(m.mountpoint, 0o755)
     p = m.mountpoint / "prog"
     write_synced(p, b"#!/bin/sh\n")
-    subprocess.run(["setcap", "cap_net_raw+ep", str(p)], check=True)
+    if xattr == "on":
+        subprocess.run(["setcap", "cap_net_raw+ep", str(p)], check=True)
+        assert os.getxattr(p, CAP)
     os.chmod(p, 0o6777)
-    assert os.getxattr(p, CAP)
     out = py_as_nobody(m.mountpoint, "fd = os.open('prog', os.O_WRONLY | os.O_APPEND)\n"
                                      "out['write'] = os.write(fd, b'echo hi\\n')\n"
                                      "os.close(fd)")
@@ -334,6 +337,7 @@ def test_write_by_other_user_drops_setuid_setgid_and_capability(mount_alignfs):
     assert os.getuid() != NOBODY
     for path in (p, m.backing / "prog"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o777, path
+    for path in (p, m.backing / "prog") if xattr == "on" else (m.backing / "prog",):
         with pytest.raises(OSError) as e:
             os.getxattr(path, CAP)
         assert e.value.errno == errno.ENODATA
