@@ -340,10 +340,16 @@ class Operations(pyfuse3.Operations):
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
-            await self.io.meta(self._set_times, node, atime, mtime)
             cf = self.cache.cached(node.key)
-            if cf is not None and mtime is not None:
-                cf.mtime_ns = mtime  # kept through later write-outs
+            if cf is None:
+                await self.io.meta(self._set_times, node, atime, mtime)
+            else:
+                if mtime is not None:
+                    cf.mtime_ns = mtime  # kept through later write-outs
+                # Under the lock: a write-out in flight puts back the mtime it
+                # read before it, so it must not end after this.
+                async with cf.lock:
+                    await self.io.meta(self._set_times, node, atime, mtime)
         return await self._fresh_attrs(node)
 
     @staticmethod
@@ -729,7 +735,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EBADF)
         if handle.append:
             off = cf.size
-        await cf.write(off, buf)
+        # With the writeback cache, a WRITE through a buffered handle is the
+        # kernel's writeback: the client's write(2) returned long ago.
+        kernel = self.enable_writeback_cache and not handle.flags & os.O_DIRECT
+        await cf.write(off, buf, refuse_failing=not kernel)
         if handle.sync:
             await cf.fsync(handle.datasync_only)
         return len(buf)

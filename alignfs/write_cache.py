@@ -138,9 +138,16 @@ class CachedFile:
 
     # -- client operations ---------------------------------------------------
 
-    async def write(self, off: int, data: bytes) -> None:
-        """Accept *data* at *off* into buffers (waits only for free memory)."""
-        self.raise_error()
+    async def write(self, off: int, data: bytes, refuse_failing: bool = True) -> None:
+        """Accept *data* at *off* into buffers (waits only for free memory).
+
+        While the file's write-out fails, a client's write is refused with
+        that error. Not so the kernel's writeback (*refuse_failing* False): a
+        refused WRITE would make the kernel drop those pages, so they are kept
+        like the rest and retried, as long as memory allows (new_buffer).
+        """
+        if refuse_failing:
+            self.raise_error()
         cache = self.cache
         bsize = cache.buffer_size
         view = memoryview(data)
@@ -151,8 +158,9 @@ class CachedFile:
             window = pos - pos % bsize
             buf = self.filling.get(window)
             if buf is None:
-                buf = await cache.new_buffer(self, window)
-                self.raise_error()
+                buf = await cache.new_buffer(self, window, refuse_failing)
+                if refuse_failing:
+                    self.raise_error()
             else:
                 # Least recently written first when the file must give one up.
                 self.filling.move_to_end(window)
@@ -424,14 +432,19 @@ class WriteCache:
 
     # -- buffers ---------------------------------------------------------------
 
-    async def new_buffer(self, cf: CachedFile, window: int) -> Buffer:
-        """A filling buffer for *window* of *cf*; waits (backpressure) for memory."""
+    async def new_buffer(self, cf: CachedFile, window: int,
+                         refuse_failing: bool = True) -> Buffer:
+        """A filling buffer for *window* of *cf*; waits (backpressure) for memory.
+
+        A failing file gets none unless *refuse_failing* is False; then it
+        gets one while the pool (with its allowance for stuck buffers) has one.
+        """
         waited_since: float | None = None
         while True:
             buf = cf.filling.get(window)
             if buf is not None:
                 break
-            if cf.error is not None:
+            if cf.error is not None and refuse_failing:
                 raise cf.error
             if len(cf.filling) >= self.buffers_per_file:
                 self._seal_one_of(cf)
@@ -691,12 +704,11 @@ class WriteCache:
         (each pwrite sets it to now). With kernel_times and no mtime known,
         the one the file had before: the kernel shows that one until it sends
         its own."""
-        mtime = cf.mtime_ns
-        if mtime is None and self.kernel_times:
-            mtime = os.fstat(cf.fd).st_mtime_ns
+        found = os.fstat(cf.fd).st_mtime_ns if self.kernel_times else None
         for start, end, direct in plan:
             fd = cf.fd if direct else self._tail_fd(cf)
             self.io.pwrite_all(fd, buf.view[start:end], buf.window + start, cf.name)
+        mtime = cf.mtime_ns if cf.mtime_ns is not None else found
         if mtime is not None:
             syscalls.set_mtime(cf.fd, mtime)
 
