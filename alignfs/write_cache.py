@@ -69,6 +69,16 @@ MAX_OFFSET = (1 << 63) - 1
 IDLE_SEAL = 0.5
 
 
+def again(exc: OSError) -> OSError:
+    """A new exception like the stored *exc*, to raise.
+
+    Raising the stored instance itself appends each raise's traceback to it,
+    and the frames in it keep their locals alive: every refused WRITE's data
+    (1 MiB from the kernel's writeback) stayed in memory while a disk was full.
+    """
+    return OSError(exc.errno, exc.strerror)
+
+
 class Buffer:
     """One window's worth of buffered data, in page-aligned memory."""
 
@@ -282,7 +292,7 @@ class CachedFile:
         while not last.done:
             if not self.flushing:
                 if self.error is not None:
-                    raise self.error
+                    raise again(self.error)
                 self.cache.kick(self, force=True)
             await self.progress.park()
 
@@ -296,10 +306,10 @@ class CachedFile:
     def raise_error(self) -> None:
         """For write and flush: a failing write-out's error, or once a permanent one."""
         if self.error is not None:
-            raise self.error
+            raise again(self.error)
         if self.lost_error is not None and not self.lost_reported:
             self.lost_reported = True
-            raise self.lost_error
+            raise again(self.lost_error)
 
     @property
     def dirty(self) -> bool:
@@ -445,7 +455,7 @@ class WriteCache:
             if buf is not None:
                 break
             if cf.error is not None and refuse_failing:
-                raise cf.error
+                raise again(cf.error)
             if len(cf.filling) >= self.buffers_per_file:
                 self._seal_one_of(cf)
             mem = self.pool.try_take(extra=self._stuck_buffers())
@@ -465,7 +475,7 @@ class WriteCache:
                 # All memory is held by write-outs that keep failing (a full
                 # disk): waiting could last forever, so fail like they do.
                 failing = next((c.error for c in self.files.values() if c.error), None)
-                raise failing or OSError(errno.ENOMEM, "no buffer memory")
+                raise again(failing) if failing else OSError(errno.ENOMEM, "no buffer memory")
             if waited_since is None:
                 waited_since = trio.current_time()
             await self.pool.wait_for_free()

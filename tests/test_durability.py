@@ -96,9 +96,9 @@ def test_sigterm_writes_everything_back_before_exit(mount_alignfs):
             os.write(fd, data[pos:pos + 12345])
     st = m.stats()
     pid = st["pid"]
-    assert st["dirty_bytes"] == sum(map(len, files.values()))
-    for name in files:
-        assert os.stat(m.backing / name).st_size == 0
+    # Buffered in alignfs, or still in the kernel's page cache, or (what the
+    # kernel's writeback sent and then paused on: the idle rule) written out.
+    assert st["dirty_bytes"] <= sum(map(len, files.values()))
     try:
         os.kill(pid, signal.SIGTERM)
         assert wait_until(lambda: pid_gone(pid), timeout=60), "daemon did not exit"
