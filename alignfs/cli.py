@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. QEMU as libvirt-qemu) use the mount; "
                    "the kernel enforces file modes")
+    m.add_argument("--xattr", choices=("on", "off"), default="on",
+                   help="off: extended attributes answer ENOSYS, so the kernel stops "
+                   "asking for security.capability before every write(2) (small buffered "
+                   "writes then go at page-cache speed); gives up POSIX ACLs, security "
+                   "labels (SELinux, SMACK), file capabilities and every user.* xattr, "
+                   "e.g. libvirt's remembered owners (-o xattr=off)")
     m.add_argument("--nonempty", action="store_true",
                    help="allow mounting over a non-empty MOUNTPOINT (hides its files)")
     m.add_argument("-f", "--foreground", action="store_true",
@@ -183,7 +189,8 @@ def config_from_args(ns: argparse.Namespace) -> MountConfig:
         buffer_size=ns.buffer_size, max_dirty=ns.max_dirty,
         buffers_per_file=ns.buffers_per_file, flush_delay=ns.flush_delay, align=ns.align,
         io_threads=ns.io_threads, readahead=ns.readahead,
-        readahead_memory=ns.readahead_memory, allow_other=ns.allow_other, debug=ns.debug,
+        readahead_memory=ns.readahead_memory, allow_other=ns.allow_other,
+        xattr=ns.xattr == "on", debug=ns.debug,
         log_file=ns.log, fault_file=ns.fault_file, trace_file=ns.trace_writes)
     cfg.validate()
     return cfg
@@ -254,6 +261,8 @@ def _child_args(cfg: MountConfig, ready_fd: int) -> list[str]:
         args += ["--align", str(cfg.align)]
     if cfg.allow_other:
         args.append("--allow-other")
+    if not cfg.xattr:
+        args += ["--xattr", "off"]
     if cfg.debug:
         args.append("--debug")
     if cfg.log_file:

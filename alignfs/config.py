@@ -53,6 +53,9 @@ class MountConfig:
     #: Bound on read-ahead memory over all files.
     readahead_memory: int = DEFAULT_READAHEAD_MEMORY
     allow_other: bool = False
+    #: Extended attributes passed through (``--xattr on``); off answers ENOSYS
+    #: so the kernel stops asking (and POSIX ACLs are off).
+    xattr: bool = True
     debug: bool = False
     log_file: Path | None = None
     #: Fault injection for tests only (see backing_io.FaultInjector); never documented.

@@ -7,6 +7,12 @@ reading ``user.alignfs.stats`` returns the counters as JSON, writing
 ``user.alignfs.umount`` does that and then ends the daemon. The file is mode
 0600 and owned by the mounting user, and the handler checks the caller too:
 only root and the mounting user may use it.
+
+With ``--xattr off`` the kernel gets ENOSYS for xattrs and stops sending any,
+the control file's too, so the same commands also work as plain file I/O:
+reading the file gives the stats JSON, writing ``flush`` or ``umount`` to it
+runs that command (the write returns when it is done). The client side tries
+the xattr first and falls back to the file.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ CONTROL_INO = SYNTHETIC_BASE
 XATTR_STATS = b"user.alignfs.stats"
 XATTR_FLUSH = b"user.alignfs.flush"
 XATTR_UMOUNT = b"user.alignfs.umount"
+#: The same commands written to the file (when xattrs are off).
+FILE_FLUSH = b"flush"
+FILE_UMOUNT = b"umount"
+_FILE_COMMANDS = {XATTR_FLUSH: FILE_FLUSH, XATTR_UMOUNT: FILE_UMOUNT}
 
 
 class ControlFile:
@@ -84,13 +94,45 @@ class ControlFile:
     def listxattr(self) -> list[bytes]:
         return [XATTR_STATS]
 
+    def open(self, ctx: pyfuse3.RequestContext) -> bytes:
+        """An open of the file: what reading it gives (the stats now)."""
+        self._check(ctx)
+        return json.dumps(self._get_stats(), sort_keys=True).encode()
+
+    async def command(self, data: bytes) -> None:
+        """A write to the file: ``flush`` or ``umount``."""
+        what = data.strip()
+        if what == FILE_FLUSH:
+            await self._flush()
+        elif what == FILE_UMOUNT:
+            await self._umount()
+        else:
+            raise FUSEError(errno.EINVAL)
+
 
 def query_stats(mountpoint: str) -> dict[str, Any]:
     """Client side: the daemon's counters (raises OSError if not an alignfs mount)."""
-    raw = os.getxattr(os.path.join(mountpoint, CONTROL_NAME.decode()), XATTR_STATS)
+    path = os.path.join(mountpoint, CONTROL_NAME.decode())
+    try:
+        raw = os.getxattr(path, XATTR_STATS)
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        with open(path, "rb") as f:  # --xattr off
+            raw = f.read()
     return json.loads(raw)
 
 
 def request(mountpoint: str, what: bytes) -> None:
     """Client side: send a command (XATTR_FLUSH or XATTR_UMOUNT); blocks until done."""
-    os.setxattr(os.path.join(mountpoint, CONTROL_NAME.decode()), what, b"1")
+    path = os.path.join(mountpoint, CONTROL_NAME.decode())
+    try:
+        os.setxattr(path, what, b"1")
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        fd = os.open(path, os.O_WRONLY)  # --xattr off
+        try:
+            os.write(fd, _FILE_COMMANDS[what])
+        finally:
+            os.close(fd)

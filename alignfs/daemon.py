@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import fuse_loop, sdnotify
+from . import fuse_loop, sdnotify, syscalls
 from .backing_io import BackingIO, detect_alignment
 from .config import ConfigError, MountConfig
 from .control import ControlFile
@@ -78,6 +78,8 @@ class Daemon:
         self._stopping = False
         self._sighup_running = False
         self._io: BackingIO | None = None
+        #: st_dev of the mounted filesystem, once it answers.
+        self._mount_dev: int | None = None
         self._nursery: trio.Nursery | None = None
         self.exit_code = ExitCode.OK
 
@@ -98,10 +100,35 @@ class Daemon:
         for name, exc in failures:
             log.error("%s: %s: %s", what, name, exc.strerror or exc)
 
+    async def _kernel_writeback(self) -> None:
+        """Make the kernel send the dirty pages it holds for this mount.
+
+        With the writeback cache, bytes written before a flush, unmount or
+        SIGTERM may still be in the kernel's page cache; once the daemon
+        stops serving they could no longer reach it. A syncfs of the mount
+        from a worker thread sends them (this thread serves the WRITEs) and
+        returns when they are answered. Skipped when the mount is gone.
+        """
+        def sync_mount(path: str, dev: int | None) -> None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_dev == dev:
+                    syscalls.syncfs(fd)
+            finally:
+                os.close(fd)
+        if self._mount_dev is None:
+            return
+        try:
+            await trio.to_thread.run_sync(sync_mount, str(self.config.mountpoint),
+                                          self._mount_dev)
+        except OSError as exc:
+            log.warning("could not make the kernel write back its pages: %s", exc)
+
     async def _flush_request(self) -> None:
         """``alignfs flush``: fails (exit 6) if any data is not on BACKING, lost
         earlier in this mount included."""
         assert self.cache is not None
+        await self._kernel_writeback()
         failures = await self.cache.flush_all("unmount")
         if failures:
             self._log_failures("alignfs flush", failures)
@@ -115,6 +142,7 @@ class Daemon:
         dropped cannot be saved by staying: then stop, and exit 6.
         """
         assert self.cache is not None
+        await self._kernel_writeback()
         failures = await self.cache.flush_all("unmount")
         if failures:
             self._log_failures("alignfs umount", failures)
@@ -138,6 +166,7 @@ class Daemon:
         # its stop timeout for as long as data keeps moving.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report_progress)
+            await self._kernel_writeback()
             failures = await self.cache.flush_all("unmount")
             nursery.cancel_scope.cancel()
         if failures:
@@ -171,6 +200,7 @@ class Daemon:
         self._sighup_running = True
         log.info("SIGHUP: writing everything back")
         try:
+            await self._kernel_writeback()
             failures = await self.cache.flush_all("unmount")
         finally:
             self._sighup_running = False
@@ -188,7 +218,8 @@ class Daemon:
                 log.warning("fault injected: never reporting readiness")
                 await trio.sleep_forever()
         # A worker thread stats the mountpoint while this thread serves it.
-        await trio.to_thread.run_sync(os.stat, str(self.config.mountpoint))
+        st = await trio.to_thread.run_sync(os.stat, str(self.config.mountpoint))
+        self._mount_dev = st.st_dev
         log.info("mounted %s on %s (buffers %s, max dirty %s, alignment %d)",
                  self.config.backing, self.config.mountpoint,
                  format_size(self.config.buffer_size), format_size(self.config.max_dirty),
@@ -256,7 +287,8 @@ class Daemon:
                 control = ControlFile(st.st_uid if os.geteuid() == 0 else os.geteuid(),
                                       st.st_gid, self.stats_dict, self._flush_request,
                                       self._umount_request)
-                self.ops = Operations(root_fd, io, cache, readahead=readahead, control=control)
+                self.ops = Operations(root_fd, io, cache, readahead=readahead, control=control,
+                                      xattr=cfg.xattr)
                 try:
                     pyfuse3.init(self.ops, str(cfg.mountpoint), self._fuse_options())
                 except RuntimeError as exc:

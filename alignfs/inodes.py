@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_BASE = 1 << 62
 
+#: Inode.capability before the backing file's has been read.
+UNKNOWN = object()
+
 
 @dataclass
 class Inode:
@@ -39,6 +42,18 @@ class Inode:
     name: str = ""
     parent: int = 0
     raw_name: bytes = b""
+    #: The backing file's ``security.capability``: its value, None if it has
+    #: none, or UNKNOWN until read. The kernel asks for it before every
+    #: write(2) (file_remove_privs), so it is answered from here; every change
+    #: through the mount (setxattr, removexattr, chown, create) forgets it.
+    capability: bytes | None | object = UNKNOWN
+    #: Bumped by every such change: a read that started before one is not kept.
+    capability_gen: int = 0
+
+    def forget_capability(self) -> None:
+        """An xattr, the owner or the file itself changed: read the capability again."""
+        self.capability = UNKNOWN
+        self.capability_gen += 1
 
     @property
     def proc_path(self) -> str:

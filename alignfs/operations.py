@@ -29,7 +29,7 @@ from pyfuse3 import FUSEError
 from . import syscalls
 from .backing_io import BackingIO
 from .control import ControlFile
-from .inodes import Inode, InodeTable
+from .inodes import UNKNOWN, Inode, InodeTable
 from .read_ahead import FileReadAhead, ReadAhead, SequentialState
 from .write_cache import CachedFile, WriteCache
 
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 #: come through this mount, so the kernel's view stays right; changes made
 #: directly in BACKING show up after at most this long.
 TIMEOUT = 1.0
+
+#: The xattr the kernel reads before every write(2) to decide whether the
+#: write must drop file capabilities (file_remove_privs).
+CAPABILITY_XATTR = b"security.capability"
 
 _OPEN_CLIENT_ONLY = (os.O_APPEND | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_TRUNC
                      | os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
@@ -108,14 +112,28 @@ def _name(raw: bytes) -> str:
 @fuse_boundary
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
+    #: The kernel's writeback cache (see ``__init__``); read by pyfuse3 at mount.
+    enable_writeback_cache = True
     #: The kernel enforces POSIX ACLs (read through getxattr) like mode bits.
     enable_acl = True
 
     def __init__(self, root_fd: int, io: BackingIO, cache: WriteCache, *,
                  readahead: ReadAhead | None = None,
-                 control: ControlFile | None = None) -> None:
+                 control: ControlFile | None = None,
+                 writeback_cache: bool = True, xattr: bool = True) -> None:
         super().__init__()
+        #: ``--xattr off``: every xattr request answers ENOSYS, after which the
+        #: kernel sends none (it asks for security.capability before each
+        #: write(2) otherwise), and POSIX ACLs are not offered.
+        self.xattr = xattr
+        self.enable_acl = xattr
+        #: With the writeback cache the kernel collects buffered writes (and
+        #: mmap stores) in its page cache and sends them in requests of up to
+        #: max_write (1 MiB) instead of one WRITE per write(2). It then owns
+        #: the file's size, mtime and O_APPEND positioning, and may READ
+        #: through any handle, write-only ones included (see _open_handle).
+        self.enable_writeback_cache = writeback_cache
+        cache.kernel_times = writeback_cache
         self.inodes = InodeTable(root_fd)
         self.io = io
         self.cache = cache
@@ -125,6 +143,8 @@ class Operations(pyfuse3.Operations):
         self.control = control
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, DirHandle] = {}
+        #: Open handles of the control file: what reading each gives.
+        self._control_reads: dict[int, bytes] = {}
         self._next_fh = 1
         self._as_root = os.geteuid() == 0
 
@@ -287,7 +307,13 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if self.control and inode == self.control.ino:
-            raise FUSEError(errno.EPERM)
+            if fields.update_size or fields.update_mode or fields.update_uid \
+                    or fields.update_gid:
+                raise FUSEError(errno.EPERM)
+            # Times only: with the writeback cache the kernel sends the ctime
+            # an xattr command gave the file; refused, it would fail the next
+            # read of the file with EIO (an error set on the kernel's mapping).
+            return self.control.attrs()
         node = self._inode(inode)
         is_link = stat.S_ISLNK(node.mode)
         if fields.update_size:
@@ -307,14 +333,23 @@ class Operations(pyfuse3.Operations):
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            await self.io.meta(syscalls.fchown_path_fd, node.fd, uid, gid)
+            try:
+                await self.io.meta(syscalls.fchown_path_fd, node.fd, uid, gid)
+            finally:
+                node.forget_capability()  # a chown drops file capabilities
         if fields.update_atime or fields.update_mtime:
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
-            await self.io.meta(self._set_times, node, atime, mtime)
             cf = self.cache.cached(node.key)
-            if cf is not None and mtime is not None:
-                cf.mtime_ns = mtime  # kept through later write-outs
+            if cf is None:
+                await self.io.meta(self._set_times, node, atime, mtime)
+            else:
+                if mtime is not None:
+                    cf.mtime_ns = mtime  # kept through later write-outs
+                # Under the lock: a write-out in flight puts back the mtime it
+                # read before it, so it must not end after this.
+                async with cf.lock:
+                    await self.io.meta(self._set_times, node, atime, mtime)
         return await self._fresh_attrs(node)
 
     @staticmethod
@@ -540,15 +575,43 @@ class Operations(pyfuse3.Operations):
     def _reopen(self, node: Inode) -> Callable[[int], int]:
         return lambda flags: os.open(node.proc_path, flags)
 
+    @staticmethod
+    def _open_backing(path: str, flags: int, writable: bool) -> int:
+        """Worker thread: the handle's backing descriptor.
+
+        Writable handles get O_RDWR: reads through them overlay buffered data
+        on the backing file, and with the writeback cache the kernel READs
+        through a write-only handle too (to fill a page a write covers only in
+        part). A file that this daemon may write but not read (a non-root
+        daemon, mode 0200) gets O_WRONLY, as the client asked.
+        """
+        if not writable:
+            return os.open(path, flags | os.O_RDONLY)
+        try:
+            return os.open(path, flags | os.O_RDWR)
+        except PermissionError:
+            return os.open(path, flags | os.O_WRONLY)
+
     async def _open_handle(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if self.enable_writeback_cache:
+            # The kernel positions O_APPEND writes at its own i_size (it owns
+            # the size) before they reach the page cache; a WRITE from its
+            # writeback may come through any writable handle of the file, so
+            # no handle may reposition writes itself.
+            flags &= ~os.O_APPEND
+            if not flags & os.O_DIRECT:
+                # O_SYNC/O_DSYNC through the page cache: the kernel sends FSYNC
+                # after each such write(2) itself (generic_write_sync).
+                flags &= ~(os.O_SYNC | os.O_DSYNC)
         backing_flags = (flags & ~_OPEN_CLIENT_ONLY & ~os.O_ACCMODE) | os.O_CLOEXEC
-        backing_flags |= os.O_RDWR if writable else os.O_RDONLY
-        fd = await self.io.meta(os.open, node.proc_path, backing_flags)
+        fd = await self.io.meta(self._open_backing, node.proc_path, backing_flags, writable)
         handle = Handle(node, fd, flags)
         try:
             if writable:
                 handle.cached = await self.cache.attach(node.key, self._reopen(node), node.name)
+                if flags & os.O_DIRECT:
+                    handle.cached.direct_handles += 1
             if flags & os.O_TRUNC:
                 cf = handle.cached or self.cache.cached(node.key)
                 if cf is not None:
@@ -561,17 +624,25 @@ class Operations(pyfuse3.Operations):
                 handle.ra = await self.readahead.attach(node.key, self._reopen(node), node.name)
         except BaseException:
             if handle.cached is not None:
+                if flags & os.O_DIRECT:
+                    handle.cached.direct_handles -= 1
                 self.cache.detach(handle.cached)
             os.close(fd)
             raise
         fh = self._new_fh()
         self._handles[fh] = handle
-        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False)
+        # keep_cache: with the writeback cache the kernel's pages are the
+        # newest bytes (dirty ones not yet sent), so an open must not drop them.
+        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT),
+                                keep_cache=self.enable_writeback_cache)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) \
             -> pyfuse3.FileInfo:
         if self.control and inode == self.control.ino:
-            raise FUSEError(errno.EPERM)
+            # Commands as file I/O (for --xattr off; see control.py).
+            fh = self._new_fh()
+            self._control_reads[fh] = self.control.open(ctx)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         node = self._inode(inode)
         return await self._open_handle(node, flags)
 
@@ -606,6 +677,7 @@ class Operations(pyfuse3.Operations):
                 raise
         entry = await self._new_entry_attrs(parent, name, do)
         node = self.inodes[entry.st_ino]
+        node.forget_capability()  # a new file, or one the kernel did not know
         try:
             info = await self._open_handle(node, flags & ~(os.O_CREAT | os.O_EXCL))
         except BaseException:
@@ -615,6 +687,8 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """Buffered bytes overlaid on BACKING; BACKING read ahead or plainly."""
+        if fh in self._control_reads:
+            return self._control_reads[fh][off:off + size]
         handle = self._handles[fh]
         sequential = handle.seq.note(off, size)
         try:
@@ -651,13 +725,20 @@ class Operations(pyfuse3.Operations):
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if fh in self._control_reads:
+            assert self.control is not None
+            await self.control.command(buf)
+            return len(buf)
         handle = self._handles[fh]
         cf = handle.cached
         if cf is None:
             raise FUSEError(errno.EBADF)
         if handle.append:
             off = cf.size
-        await cf.write(off, buf)
+        # With the writeback cache, a WRITE through a buffered handle is the
+        # kernel's writeback: the client's write(2) returned long ago.
+        kernel = self.enable_writeback_cache and not handle.flags & os.O_DIRECT
+        await cf.write(off, buf, refuse_failing=not kernel)
         if handle.sync:
             await cf.fsync(handle.datasync_only)
         return len(buf)
@@ -666,11 +747,15 @@ class Operations(pyfuse3.Operations):
         # FLUSH comes with every close() of a descriptor, including the copies a
         # fork+exec closes, so it only reports a pending write-back error; the
         # write-back itself starts when the last handle is released.
+        if fh in self._control_reads:
+            return
         handle = self._handles[fh]
         if handle.cached is not None:
             handle.cached.raise_error()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh in self._control_reads:
+            return
         handle = self._handles[fh]
         if handle.cached is not None:
             await handle.cached.fsync(datasync)
@@ -690,11 +775,15 @@ class Operations(pyfuse3.Operations):
             raise lost
 
     async def release(self, fh: int) -> None:
+        if self._control_reads.pop(fh, None) is not None:
+            return
         handle = self._handles.pop(fh)
         self._drop_handle(handle)
 
     def _drop_handle(self, handle: Handle) -> None:
         if handle.cached is not None:
+            if handle.flags & os.O_DIRECT:
+                handle.cached.direct_handles -= 1
             self.cache.detach(handle.cached)
         if handle.ra is not None and self.readahead is not None:
             self.readahead.detach(handle.ra, handle.seq)
@@ -724,23 +813,35 @@ class Operations(pyfuse3.Operations):
             if (st.st_dev, st.st_ino) != node.key:
                 raise OSError(errno.ESTALE, "symlink moved in BACKING")
 
+    def _xattr_inode(self, inode: int) -> Inode:
+        """The inode for an xattr request; ENOSYS with ``--xattr off``: the
+        kernel then stops sending that request for the whole mount."""
+        if not self.xattr:
+            raise FUSEError(errno.ENOSYS)
+        return self._inode(inode)
+
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         if self.control and inode == self.control.ino:
             await self.control.setxattr(name, value, ctx)
             return
-        node = self._inode(inode)
+        node = self._xattr_inode(inode)
         path, follow = self._xattr_path(node)
 
         def do() -> None:
             self._same_inode(node, path, follow)
             os.setxattr(path, name, value, follow_symlinks=follow)
-        await self.io.meta(do)
+        try:
+            await self.io.meta(do)
+        finally:
+            node.forget_capability()
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if self.control and inode == self.control.ino:
             return await self.control.getxattr(name, ctx)
-        node = self._inode(inode)
+        node = self._xattr_inode(inode)
+        if name == CAPABILITY_XATTR:
+            return await self._capability(node)
         path, follow = self._xattr_path(node)
 
         def do() -> bytes:
@@ -748,10 +849,39 @@ class Operations(pyfuse3.Operations):
             return os.getxattr(path, name, follow_symlinks=follow)
         return await self.io.meta(do)
 
+    async def _capability(self, node: Inode) -> bytes:
+        """``security.capability``, asked before every write(2) to a file: from
+        memory after the first time (no thread hop, no path lookup).
+
+        A change through the mount forgets the value (``forget_capability``);
+        a read that such a change overtook is answered but not kept. A change
+        made directly in BACKING is not seen until the kernel forgets the inode.
+        """
+        value = node.capability
+        if value is UNKNOWN:
+            gen = node.capability_gen
+            path, follow = self._xattr_path(node)
+
+            def do() -> bytes | None:
+                self._same_inode(node, path, follow)
+                try:
+                    return os.getxattr(path, CAPABILITY_XATTR, follow_symlinks=follow)
+                except OSError as exc:
+                    if exc.errno == errno.ENODATA:
+                        return None
+                    raise
+            value = await self.io.meta(do)
+            if node.capability_gen == gen:
+                node.capability = value
+        if value is None:
+            raise FUSEError(errno.ENODATA)
+        assert isinstance(value, bytes)
+        return value
+
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if self.control and inode == self.control.ino:
             return self.control.listxattr()
-        node = self._inode(inode)
+        node = self._xattr_inode(inode)
         path, follow = self._xattr_path(node)
 
         def do() -> list[str]:
@@ -762,13 +892,16 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if self.control and inode == self.control.ino:
             raise FUSEError(errno.EPERM)
-        node = self._inode(inode)
+        node = self._xattr_inode(inode)
         path, follow = self._xattr_path(node)
 
         def do() -> None:
             self._same_inode(node, path, follow)
             os.removexattr(path, name, follow_symlinks=follow)
-        await self.io.meta(do)
+        try:
+            await self.io.meta(do)
+        finally:
+            node.forget_capability()
 
     # -- shutdown --------------------------------------------------------------
 

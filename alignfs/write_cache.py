@@ -87,10 +87,26 @@ class LostWrite:
                        f"offset {self.offset} could never be written and were dropped")
 
 
+#: Seconds without a write after which a buffer filled by the kernel's
+#: writeback is sealed (see WriteCache._seal_idle).
+IDLE_SEAL = 0.5
+
+
+def again(exc: OSError) -> OSError:
+    """A new exception like the stored *exc*, to raise.
+
+    Raising the stored instance itself appends each raise's traceback to it,
+    and the frames in it keep their locals alive: every refused WRITE's data
+    (1 MiB from the kernel's writeback) stayed in memory while a disk was full.
+    """
+    return OSError(exc.errno, exc.strerror)
+
+
 class Buffer:
     """One window's worth of buffered data, in page-aligned memory."""
 
-    __slots__ = ("mem", "view", "window", "ranges", "filled", "born", "done", "file")
+    __slots__ = ("mem", "view", "window", "ranges", "filled", "born", "touched", "done",
+                 "file")
 
     def __init__(self, file: CachedFile, mem: mmap.mmap, window: int, born: float) -> None:
         self.file = file
@@ -101,6 +117,8 @@ class Buffer:
         #: Bytes covered (== ranges.total(), kept up to date cheaply).
         self.filled = 0
         self.born = born
+        #: When a write last landed here (for sealing idle kernel-fed buffers).
+        self.touched = born
         #: True once written to BACKING (or dropped) and returned to the pool.
         self.done = False
 
@@ -135,6 +153,9 @@ class CachedFile:
         self.lock = trio.Lock()
         self.progress = trio.lowlevel.ParkingLot()
         self.handles = 0
+        #: Handles opened with O_DIRECT: while there is none, every WRITE
+        #: comes from the kernel's writeback (see WriteCache._seal_idle).
+        self.direct_handles = 0
         #: Set when the cache dropped this file and closed fd.
         self.closed = False
         #: A failing write-out (data kept, retried); refuses writes until it works.
@@ -154,9 +175,16 @@ class CachedFile:
 
     # -- client operations ---------------------------------------------------
 
-    async def write(self, off: int, data: bytes) -> None:
-        """Accept *data* at *off* into buffers (waits only for free memory)."""
-        self.raise_error()
+    async def write(self, off: int, data: bytes, refuse_failing: bool = True) -> None:
+        """Accept *data* at *off* into buffers (waits only for free memory).
+
+        While the file's write-out fails, a client's write is refused with
+        that error. Not so the kernel's writeback (*refuse_failing* False): a
+        refused WRITE would make the kernel drop those pages, so they are kept
+        like the rest and retried, as long as memory allows (new_buffer).
+        """
+        if refuse_failing:
+            self.raise_error()
         cache = self.cache
         bsize = cache.buffer_size
         view = memoryview(data)
@@ -169,14 +197,16 @@ class CachedFile:
             window = pos - pos % bsize
             buf = self.filling.get(window)
             if buf is None:
-                buf = await cache.new_buffer(self, window)
-                self.raise_error()
+                buf = await cache.new_buffer(self, window, refuse_failing)
+                if refuse_failing:
+                    self.raise_error()
             else:
                 # Least recently written first when the file must give one up.
                 self.filling.move_to_end(window)
             n = min(end, window + bsize) - pos
             rel = pos - window
             buf.view[rel:rel + n] = view[pos - off:pos - off + n]
+            buf.touched = trio.current_time()
             added = buf.ranges.add(rel, rel + n)
             buf.filled += added
             cache.stats.add_dirty(added)
@@ -186,7 +216,8 @@ class CachedFile:
             self.write_gen += 1
         cache.stats.write_requests += 1
         cache.stats.write_bytes += len(data)
-        self.mtime_ns = time.time_ns()
+        if not cache.kernel_times:
+            self.mtime_ns = time.time_ns()
 
     async def read(self, off: int, size: int,
                    backing_read: Callable[[int, int], Awaitable[bytes]]) -> bytes:
@@ -303,7 +334,7 @@ class CachedFile:
         while not last.done:
             if not self.flushing:
                 if self.error is not None:
-                    raise self.error
+                    raise again(self.error)
                 self.cache.kick(self, force=True)
             await self.progress.park()
 
@@ -317,10 +348,10 @@ class CachedFile:
     def raise_error(self) -> None:
         """For write and flush: a failing write-out's error, or once a permanent one."""
         if self.error is not None:
-            raise self.error
+            raise again(self.error)
         if self.lost_error is not None and not self.lost_reported:
             self.lost_reported = True
-            raise self.lost_error
+            raise again(self.lost_error)
 
     @property
     def dirty(self) -> bool:
@@ -367,6 +398,10 @@ class WriteCache:
         self.unreported_losses: dict[Key, tuple[str, OSError]] = {}
         #: What close() could not write (set when running() ends).
         self.unmount_failures: list[tuple[str, OSError]] = []
+        #: The kernel keeps the files' mtime (FUSE writeback cache) and sends it
+        #: with SETATTR when it changes: a WRITE does not set it, and a
+        #: write-out puts back the backing mtime it found (see _pwrite_plan).
+        self.kernel_times = False
 
     @classmethod
     @asynccontextmanager
@@ -463,15 +498,20 @@ class WriteCache:
 
     # -- buffers ---------------------------------------------------------------
 
-    async def new_buffer(self, cf: CachedFile, window: int) -> Buffer:
-        """A filling buffer for *window* of *cf*; waits (backpressure) for memory."""
+    async def new_buffer(self, cf: CachedFile, window: int,
+                         refuse_failing: bool = True) -> Buffer:
+        """A filling buffer for *window* of *cf*; waits (backpressure) for memory.
+
+        A failing file gets none unless *refuse_failing* is False; then it
+        gets one while the pool (with its allowance for stuck buffers) has one.
+        """
         waited_since: float | None = None
         while True:
             buf = cf.filling.get(window)
             if buf is not None:
                 break
-            if cf.error is not None:
-                raise cf.error
+            if cf.error is not None and refuse_failing:
+                raise again(cf.error)
             if len(cf.filling) >= self.buffers_per_file:
                 self._seal_one_of(cf)
             mem = self.pool.try_take(extra=self._stuck_buffers())
@@ -491,7 +531,7 @@ class WriteCache:
                 # All memory is held by write-outs that keep failing (a full
                 # disk): waiting could last forever, so fail like they do.
                 failing = next((c.error for c in self.files.values() if c.error), None)
-                raise failing or OSError(errno.ENOMEM, "no buffer memory")
+                raise again(failing) if failing else OSError(errno.ENOMEM, "no buffer memory")
             if waited_since is None:
                 waited_since = trio.current_time()
             await self.pool.wait_for_free()
@@ -752,11 +792,14 @@ class WriteCache:
     def _pwrite_plan(self, cf: CachedFile, buf: Buffer,
                      plan: list[tuple[int, int, bool]]) -> None:
         """Worker thread: the planned pwrites, then the client's mtime put back
-        (each pwrite sets it to now)."""
+        (each pwrite sets it to now). With kernel_times and no mtime known,
+        the one the file had before: the kernel shows that one until it sends
+        its own."""
+        found = os.fstat(cf.fd).st_mtime_ns if self.kernel_times else None
         for start, end, direct in plan:
             fd = cf.fd if direct else self._tail_fd(cf)
             self.io.pwrite_all(fd, buf.view[start:end], buf.window + start, cf.name)
-        mtime = cf.mtime_ns
+        mtime = cf.mtime_ns if cf.mtime_ns is not None else found
         if mtime is not None:
             syscalls.set_mtime(cf.fd, mtime)
 
@@ -771,11 +814,38 @@ class WriteCache:
 
     # -- timers and shutdown ---------------------------------------------------
 
+    def _idle_delay(self) -> float | None:
+        """How long a kernel-fed buffer may go without a write before it is
+        sealed (None: only the age rule applies)."""
+        return min(IDLE_SEAL, self.flush_delay) if self.kernel_times else None
+
+    def _seal_idle(self, now: float, idle: float) -> None:
+        """Seal buffers of files written only by the kernel's writeback that
+        got no write for *idle* seconds.
+
+        The kernel held those bytes in its page cache already (until its
+        dirty limits, its 30 s expiry, sync(2), fsync or close sent them);
+        keeping them for --flush-delay more only delays durability: after
+        ``sync`` alignfs starts writing at once. A writeback pass sends a
+        file's pages back to back in up to 1 MiB requests, so a pause means
+        the pass is over. Files with an O_DIRECT handle (QEMU cache=none)
+        are left to the usual rules: their writers send small requests
+        themselves, with pauses, into windows they come back to.
+        """
+        for buf in [b for b in self.filling if b.file.direct_handles == 0
+                    and now - b.touched >= idle]:
+            self.seal(buf, "idle")
+
     async def _age_loop(self) -> None:
         tick = min(self.flush_delay / 4, 1.0)
+        idle = self._idle_delay()
+        if idle is not None:
+            tick = min(tick, idle / 2)
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
+            if idle is not None:
+                self._seal_idle(now, idle - tick)
             while self.filling:
                 buf = next(iter(self.filling))
                 if now - buf.born < self.flush_delay - tick:

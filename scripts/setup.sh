@@ -21,7 +21,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev
-          qemu-utils qemu-system-x86 fio acl e2fsprogs util-linux bsdutils procps systemd kmod)
+          qemu-utils qemu-system-x86 fio acl libcap2-bin e2fsprogs util-linux bsdutils procps
+          systemd kmod)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -113,7 +113,8 @@ def test_runner_alignfs_side(tmp_path: Path) -> None:
     assert run.ok, f"{run.error}\n{out.getvalue()}"
     assert run.stats is not None
     assert run.stats["write_bytes"] == PAYLOAD
-    assert run.stats["write_requests"] >= PAYLOAD // CHUNK
+    # The kernel's writeback cache coalesces the CHUNK-sized write(2) calls.
+    assert 1 <= run.stats["write_requests"] <= PAYLOAD // CHUNK + 1
     assert (run.throttled_write_bytes or 0) >= PAYLOAD
     assert run.daemon_cpu_seconds is not None and run.daemon_cpu_seconds > 0
     assert run.extra["umount_seconds"] > 0

@@ -66,7 +66,11 @@ def test_qemu_migration_stream_becomes_full_aligned_buffers(mount_alignfs, tmp_p
     n_writev = 64 * MiB // (4096 * pairs_per_writev)
     expect = hashlib.sha256()
     total = 0
-    fd = os.open(m.mountpoint / "vmstate", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # O_DIRECT, as QEMU cache=none: each writev reaches alignfs as it is (a
+    # buffered descriptor's bytes would come through the kernel's writeback
+    # cache, in its own pieces and at its own time).
+    fd = os.open(m.mountpoint / "vmstate",
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
     try:
         for i in range(n_writev):
             iov = []
