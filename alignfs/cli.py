@@ -11,6 +11,7 @@ its own exit code (see :mod:`alignfs.exitcodes`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -26,12 +27,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import config as cfgmod
+from .argtypes import positive_float
 from .config import ConfigError, MountConfig
 from .control import XATTR_FLUSH, XATTR_UMOUNT, query_stats, request
 from .exitcodes import ExitCode, describe
+from .mount_args import (
+    UsageError,
+    add_mount_arguments,
+    config_args,
+    config_from_args,
+    translate_mount_helper,
+)
 from .mounts import fuse_mount_type, is_stale
-from .sizes import format_size, parse_size
+from .sizes import format_size
 from .stats import describe as describe_stats
 
 log = logging.getLogger("alignfs")
@@ -40,44 +48,14 @@ log = logging.getLogger("alignfs")
 #: (other users: see status_dirs).
 STATUS_DIR = Path("/run/alignfs")
 
-#: How long ``alignfs mount`` waits for a detached daemon to serve the mount.
-DEFAULT_START_TIMEOUT = 60.0
-
 #: How long a daemon that never got ready may take to stop before SIGKILL.
 STOP_GRACE = 10.0
-
-#: mount(8) options that mean nothing to alignfs and are ignored.
-IGNORED_MOUNT_OPTIONS = {"defaults", "noauto", "auto", "nofail", "_netdev", "rw", "user",
-                         "nouser", "users", "owner", "exec", "noexec", "dev", "nodev", "suid",
-                         "nosuid", "atime", "noatime", "relatime", "x-systemd.automount"}
-
-
-class UsageError(Exception):
-    pass
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         print(f"alignfs: error: {message}", file=sys.stderr)
         sys.exit(ExitCode.USAGE)
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,49 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount BACKING at MOUNTPOINT",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="exit codes:\n" + describe())
-    m.add_argument("mountpoint", type=Path, help="where the files appear (e.g. /fast)")
-    m.add_argument("backing", type=Path, help="directory holding the files (e.g. /backing)")
-    m.add_argument("--buffer-size", type=_size, default=cfgmod.DEFAULT_BUFFER_SIZE,
-                   metavar="SIZE", help="size of each aligned write buffer (bytes; K/M/G)")
-    m.add_argument("--max-dirty", type=_size, default=cfgmod.DEFAULT_MAX_DIRTY,
-                   metavar="SIZE", help="bound on all buffered data; writers wait beyond it")
-    m.add_argument("--buffers-per-file", type=int, default=None, metavar="N",
-                   help="buffers one file may fill at once (default: enough for 32M of the "
-                   "file, at least 4, at most half of --max-dirty)")
-    m.add_argument("--flush-delay", type=_positive_float, default=cfgmod.DEFAULT_FLUSH_DELAY,
-                   metavar="SECONDS", help="write a partly filled buffer after this long")
-    m.add_argument("--align", type=_size, default=None, metavar="SIZE",
-                   help="direct-I/O alignment (default: detected from BACKING, >= 4096)")
-    m.add_argument("--io-threads", type=int, default=cfgmod.DEFAULT_IO_THREADS, metavar="N",
-                   help="backing writes in flight at once")
-    m.add_argument("--readahead", type=_size, default=cfgmod.DEFAULT_READAHEAD,
-                   metavar="SIZE", help="largest read-ahead window for sequential readers "
-                   "(0 = off)")
-    m.add_argument("--readahead-memory", type=_size, default=cfgmod.DEFAULT_READAHEAD_MEMORY,
-                   metavar="SIZE", help="bound on read-ahead memory over all files")
-    m.add_argument("--allow-other", action="store_true",
-                   help="let other users (e.g. QEMU as libvirt-qemu) use the mount; "
-                   "the kernel enforces file modes")
-    m.add_argument("--nonempty", action="store_true",
-                   help="allow mounting over a non-empty MOUNTPOINT (hides its files)")
-    m.add_argument("-f", "--foreground", action="store_true",
-                   help="stay attached and log to stderr")
-    m.add_argument("--debug", action="store_true", help="log every decision")
-    m.add_argument("--start-timeout", type=_positive_float, default=DEFAULT_START_TIMEOUT,
-                   metavar="SECONDS", help="give up (exit 7) if the detached daemon is not "
-                   "serving after this long; it is stopped and nothing stays mounted")
-    m.add_argument("--log", type=Path, default=None, metavar="FILE",
-                   help="log to FILE (default: stderr in the foreground, syslog otherwise)")
-    m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    m.add_argument("--fault-file", type=Path, default=None, help=argparse.SUPPRESS)
-    m.add_argument("--trace-writes", type=Path, default=None, help=argparse.SUPPRESS)
+    add_mount_arguments(m)
 
-    u = sub.add_parser("umount", help="write everything back, unmount, wait for the daemon",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    u = sub.add_parser("umount", help="write everything back, unmount, wait for the daemon")
     u.add_argument("mountpoint", type=Path)
-    u.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+    u.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="give up waiting after this long (exit 7); default: wait")
 
     s = sub.add_parser(
@@ -149,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true",
                    help="machine-readable output (with --watch: one JSON object per interval, "
                    "with the interval's rates under \"rates\")")
-    s.add_argument("--watch", type=_positive_float, nargs="?", const=1.0, default=None,
+    s.add_argument("--watch", type=positive_float, nargs="?", const=1.0, default=None,
                    metavar="SECONDS",
                    help="print the rates every SECONDS (default 1) until Ctrl-C")
     s.add_argument("--count", type=int, default=None, metavar="N",
@@ -176,20 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- mount ---------------------------------------------------------------------
 
-def config_from_args(ns: argparse.Namespace) -> MountConfig:
-    cfg = MountConfig(
-        mountpoint=Path(os.path.abspath(ns.mountpoint)),
-        backing=Path(os.path.abspath(ns.backing)),
-        buffer_size=ns.buffer_size, max_dirty=ns.max_dirty,
-        buffers_per_file=ns.buffers_per_file, flush_delay=ns.flush_delay, align=ns.align,
-        io_threads=ns.io_threads, readahead=ns.readahead,
-        readahead_memory=ns.readahead_memory, allow_other=ns.allow_other, debug=ns.debug,
-        log_file=ns.log, fault_file=ns.fault_file, trace_file=ns.trace_writes)
-    cfg.validate()
-    return cfg
-
-
-def check_paths(cfg: MountConfig, nonempty: bool = False) -> tuple[ExitCode, str] | None:
+def check_paths(cfg: MountConfig) -> tuple[ExitCode, str] | None:
     """The first reason the mount cannot work, or None."""
     if not os.path.exists("/dev/fuse"):
         return ExitCode.FUSE_UNAVAILABLE, "/dev/fuse does not exist (modprobe fuse?)"
@@ -213,7 +142,7 @@ def check_paths(cfg: MountConfig, nonempty: bool = False) -> tuple[ExitCode, str
             f"MOUNTPOINT {cfg.mountpoint} is inside BACKING {cfg.backing} (recursion)")
     if fuse_mount_type(mp) == "fuse.alignfs":
         return ExitCode.BAD_MOUNTPOINT, f"MOUNTPOINT {cfg.mountpoint} is already an alignfs mount"
-    if not nonempty and any(os.scandir(mp)):
+    if not cfg.nonempty and any(os.scandir(mp)):
         return ExitCode.BAD_MOUNTPOINT, (
             f"MOUNTPOINT {cfg.mountpoint} is not empty (its files would be hidden); "
             "use --nonempty to mount anyway")
@@ -243,31 +172,18 @@ def setup_logging(foreground: bool, log_file: Path | None, debug: bool) -> None:
 
 
 def _child_args(cfg: MountConfig, ready_fd: int) -> list[str]:
-    args = [sys.executable, "-m", "alignfs", "mount", str(cfg.mountpoint), str(cfg.backing),
-            "--foreground", "--ready-fd", str(ready_fd),
-            "--buffer-size", str(cfg.buffer_size), "--max-dirty", str(cfg.max_dirty),
-            "--buffers-per-file", str(cfg.effective_buffers_per_file),
-            "--flush-delay", str(cfg.flush_delay), "--io-threads", str(cfg.io_threads),
-            "--readahead", str(cfg.readahead), "--readahead-memory", str(cfg.readahead_memory),
-            "--nonempty"]
-    if cfg.align is not None:
-        args += ["--align", str(cfg.align)]
-    if cfg.allow_other:
-        args.append("--allow-other")
-    if cfg.debug:
-        args.append("--debug")
-    if cfg.log_file:
-        args += ["--log", str(cfg.log_file)]
-    if cfg.fault_file:
-        args += ["--fault-file", str(cfg.fault_file)]
-    if cfg.trace_file:
-        args += ["--trace-writes", str(cfg.trace_file)]
-    return args
+    """The daemon's command line: *cfg*, in the foreground, reporting on *ready_fd*.
+
+    MOUNTPOINT was checked here, so the daemon need not refuse it as non-empty.
+    """
+    child = dataclasses.replace(cfg, foreground=True, nonempty=True, ready_fd=ready_fd)
+    return [sys.executable, "-m", "alignfs", "mount", *config_args(child)]
 
 
-def _spawn_daemon(cfg: MountConfig, timeout: float = DEFAULT_START_TIMEOUT) -> int:
+def _spawn_daemon(cfg: MountConfig) -> int:
     """Start the daemon detached; return once it is serving (or failed, or
-    *timeout* seconds passed: then it is stopped and its mount removed)."""
+    --start-timeout passed: then it is stopped and its mount removed)."""
+    timeout = cfg.start_timeout
     r, w = os.pipe()
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
@@ -344,8 +260,10 @@ def _stop_unready(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
-def _run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
+def _run_foreground(cfg: MountConfig) -> int:
     from .daemon import Daemon, DaemonError
+
+    ready_fd = cfg.ready_fd
 
     def report(line: str) -> None:
         if ready_fd is not None:
@@ -438,16 +356,16 @@ def cmd_mount(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"alignfs: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    problem = check_paths(cfg, ns.nonempty)
+    problem = check_paths(cfg)
     if problem:
         code, text = problem
         print(f"alignfs: {text}", file=sys.stderr)
-        if ns.ready_fd is not None:
-            os.write(ns.ready_fd, f"ERR {int(code)} {text}\n".encode())
+        if cfg.ready_fd is not None:
+            os.write(cfg.ready_fd, f"ERR {int(code)} {text}\n".encode())
         return code
-    if ns.foreground:
-        return _run_foreground(cfg, ns.ready_fd)
-    return _spawn_daemon(cfg, ns.start_timeout)
+    if cfg.foreground:
+        return _run_foreground(cfg)
+    return _spawn_daemon(cfg)
 
 
 # -- talking to a running daemon -------------------------------------------------
@@ -694,36 +612,6 @@ def cmd_flush(ns: argparse.Namespace) -> int:
                   "in this mount); the daemon's log names files and offsets", file=sys.stderr)
         return code
     return ExitCode.OK
-
-
-# -- mount(8) helper syntax ------------------------------------------------------
-
-def translate_mount_helper(argv: list[str]) -> list[str]:
-    """``BACKING MOUNTPOINT [-o a=b,c]`` -> ``mount MOUNTPOINT BACKING --a b --c``."""
-    positional: list[str] = []
-    options: list[str] = []
-    it = iter(argv)
-    for arg in it:
-        if arg == "-o":
-            options += next(it, "").split(",")
-        elif arg.startswith("-o"):
-            options += arg[2:].split(",")
-        elif arg in ("-n", "-s", "-v"):
-            continue  # mount(8) flags: no mtab, sloppy, verbose
-        else:
-            positional.append(arg)
-    if len(positional) != 2:
-        raise UsageError("mount helper usage: alignfs BACKING MOUNTPOINT [-o options]")
-    backing, mountpoint = positional
-    out = ["mount", mountpoint, backing]
-    for opt in filter(None, options):
-        key, sep, value = opt.partition("=")
-        if key in IGNORED_MOUNT_OPTIONS or key.startswith(("x-", "comment=")):
-            continue
-        out.append("--" + key.replace("_", "-"))
-        if sep:
-            out.append(value)
-    return out
 
 
 def cmd_install_systemd(ns: argparse.Namespace) -> int:
