@@ -7,6 +7,9 @@ reading ``user.alignfs.stats`` returns the counters as JSON, writing
 ``user.alignfs.umount`` does that and then ends the daemon. The file is mode
 0600 and owned by the mounting user, and the handler checks the caller too:
 only root and the mounting user may use it.
+
+This module is the daemon's side; the commands' side is
+:mod:`alignfs.control_client`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -84,13 +86,3 @@ class ControlFile:
     def listxattr(self) -> list[bytes]:
         return [XATTR_STATS]
 
-
-def query_stats(mountpoint: str) -> dict[str, Any]:
-    """Client side: the daemon's counters (raises OSError if not an alignfs mount)."""
-    raw = os.getxattr(os.path.join(mountpoint, CONTROL_NAME.decode()), XATTR_STATS)
-    return json.loads(raw)
-
-
-def request(mountpoint: str, what: bytes) -> None:
-    """Client side: send a command (XATTR_FLUSH or XATTR_UMOUNT); blocks until done."""
-    os.setxattr(os.path.join(mountpoint, CONTROL_NAME.decode()), what, b"1")

@@ -206,7 +206,7 @@ class AlignfsMount(StackOwner):
         that command ten times a second would cost the measured machine about
         a CPU. Raises OSError when the mount is gone (or going).
         """
-        from ..control import query_stats
+        from ..control_client import query_stats
 
         return query_stats(str(self.mountpoint))
 
