@@ -26,6 +26,7 @@ from .config import MountConfig
 from .exitcodes import ExitCode
 from .mount_args import config_args
 from .mounts import fuse_mount_type, is_stale
+from .processes import pid_alive, source_env
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,8 @@ def spawn_daemon(cfg: MountConfig) -> int:
     --start-timeout passed: then it is stopped and its mount removed)."""
     timeout = cfg.start_timeout
     r, w = os.pipe()
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)
-    # The child must import this very package, even from a source tree.
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [package_parent, env.get("PYTHONPATH", "")]))
+    env = source_env()
+    env.pop("NOTIFY_SOCKET", None)  # the daemon is not the service's main process
     try:
         proc = subprocess.Popen(
             _child_args(cfg, w), pass_fds=(w,), start_new_session=True, env=env,
@@ -299,7 +296,7 @@ def take_status(path: Path | str | None) -> int | None:
 def wait_for_exit(pid: int, status: str | None, timeout: float | None) -> int:
     """Wait for the daemon *pid* to end; its exit code from *status* (``alignfs umount``)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if deadline is not None and time.monotonic() > deadline:
             print(f"alignfs: daemon {pid} still running after {timeout}s", file=sys.stderr)
             return ExitCode.TIMEOUT
@@ -316,16 +313,3 @@ def wait_for_exit(pid: int, status: str | None, timeout: float | None) -> int:
               file=sys.stderr)
     return code
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False

@@ -17,12 +17,13 @@ from conftest import (
     daemon_exit_status,
     is_mounted,
     pid_gone,
-    proc_status,
     read_direct,
     run_alignfs,
     set_faults,
     wait_until,
 )
+
+from alignfs.processes import proc_status
 
 MiB = 1 << 20
 

@@ -167,12 +167,6 @@ def test_sd_notify_ready_and_stop_with_buffered_data(tmp_path: Path) -> None:
         notify.close()
 
 
-def _mount_helper_env() -> dict[str, str]:
-    """PATH with an ``alignfs`` that runs this source tree (mount.fuse3 looks it up)."""
-    env = alignfs_env()
-    return env
-
-
 @pytest.fixture
 def alignfs_on_path(tmp_path: Path) -> dict[str, str]:
     bindir = tmp_path / "bin"

@@ -21,8 +21,9 @@ import textwrap
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..argtypes import positive_int, size_arg
 from ..exitcodes import ExitCode
-from ..sizes import compact_size, parse_size
+from ..sizes import compact_size
 from .cleanup import (
     BenchInterrupted,
     CleanupStack,
@@ -84,13 +85,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
 def _scenario_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in SCENARIO_NAMES]
@@ -107,13 +101,6 @@ def _caches(text: str) -> tuple[str, ...]:
     if "none" not in modes or any(m not in ("none", "writeback") for m in modes):
         raise argparse.ArgumentTypeError("--savevm-caches takes none or none,writeback")
     return modes
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repeat",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="runs per case; the median is reported (default 3)",
     )
@@ -159,14 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("HDD model")
     g.add_argument(
         "--iops",
-        type=_positive_int,
+        type=positive_int,
         default=200,
         help="IOPS limit for reads and for writes (default 200)",
     )
     bw = g.add_mutually_exclusive_group()
     bw.add_argument(
         "--bps",
-        type=_size,
+        type=size_arg,
         default=None,
         help="bandwidth limit per direction, bytes/s with units (default 150M)",
     )
@@ -185,18 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--model-size",
-        type=_size,
+        type=size_arg,
         default=None,
         help="zram disk size (default: enough for the chosen sizes)",
     )
 
     s = p.add_argument_group("scenario sizes")
     s.add_argument(
-        "--ram", type=_size, default=None, help="savevm / loadvm VM RAM size (default 1G)"
+        "--ram", type=size_arg, default=None, help="savevm / loadvm VM RAM size (default 1G)"
     )
     s.add_argument(
         "--disk-size",
-        type=_size,
+        type=size_arg,
         default=8 * GiB,
         help="virtual size of the savevm qcow2 image (default 8G)",
     )
@@ -215,13 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--bench-size",
-        type=_size,
+        type=size_arg,
         default=None,
         help="bytes qemu-img bench writes, and qemu-img-read reads (default 1G)",
     )
     s.add_argument(
         "--bench-depth",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="qemu-img bench queue depth (default: qemu-img's)",
     )
@@ -233,16 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--fio-size",
-        type=_size,
+        type=size_arg,
         default=256 * MiB,
         help="file size for fio-4k / fio-512 (default 256M)",
     )
     s.add_argument(
-        "--fio-1m-size", type=_size, default=GiB, help="bytes written by fio-1m (default 1G)"
+        "--fio-1m-size", type=size_arg, default=GiB, help="bytes written by fio-1m (default 1G)"
     )
     s.add_argument(
         "--fio-read-size",
-        type=_size,
+        type=size_arg,
         default=GiB,
         help="size of the prefilled file fio-read-4k / fio-randread-4k read (default 1G)",
     )

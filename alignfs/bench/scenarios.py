@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 from ..sizes import compact_size
 from .qmp import QmpError
 from .results import ALIGNFS, DIRECT
-from .sysutil import GiB, MiB, run, which
+from .sysutil import GiB, MiB, fill_random, fill_zeros, run, which
 from .vm import QEMU, PausedVm, make_random_file, qemu_argv
 
 log = logging.getLogger(__name__)
@@ -497,27 +496,6 @@ def parse_fio_json(text: str, section: str = "write") -> dict[str, Any]:
 
 # --------------------------------------------------------------------------
 # read scenarios
-
-
-def fill_random(path: Path, size: int, chunk: int = 16 << 20) -> None:
-    """Create *path* with *size* fresh random bytes (overwriting it)."""
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            n = min(chunk, left)
-            f.write(os.urandom(n))
-            left -= n
-
-
-def fill_zeros(path: Path, size: int, chunk: int = 16 << 20) -> None:
-    """Write *size* zero bytes over *path* (allocated, unlike a sparse file)."""
-    zeros = bytes(chunk)
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            n = min(chunk, left)
-            f.write(zeros[:n])
-            left -= n
 
 
 class LoadvmScenario(SavevmScenario):

@@ -10,13 +10,12 @@ must live outside the HDD model, on tmpfs, so reading it costs nothing.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
 from .qmp import QmpClient, QmpError
+from .sysutil import fill_random
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +30,7 @@ def make_random_file(path: Path, size: int, chunk: int = 16 << 20) -> None:
     except FileNotFoundError:
         pass
     tmp = path.with_suffix(".part")
-    with open(tmp, "wb") as f:
-        left = size
-        while left > 0:
-            n = min(chunk, left)
-            f.write(os.urandom(n))
-            left -= n
+    fill_random(tmp, size, chunk)
     tmp.rename(path)
 
 
@@ -88,12 +82,7 @@ class PausedVm:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._stop()
 
     def savevm(self, tag: str, timeout: float) -> float:
