@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from alignfs.backing_io import BackingIO
+from alignfs.bench.hddmodel import BLKIO_ROOT, ZRAM_CONTROL
 from alignfs.launch import STATUS_DIR, take_status
 from alignfs.mounts import is_mountpoint as is_mounted
 from alignfs.processes import command_lines, pid_alive
@@ -114,6 +115,15 @@ def mount_alignfs(tmp_path: Path, request: pytest.FixtureRequest) \
                 failed.append(f"{m.mountpoint}: daemon logged an internal error:\n{text[-5000:]}")
     if failed:
         pytest.fail("\n".join(failed))
+
+
+#: For tests that build the HDD model (bench.hddmodel) themselves.
+needs_hdd_model = pytest.mark.skipif(
+    os.geteuid() != 0
+    or not (ZRAM_CONTROL / "hot_add").exists()
+    or not (BLKIO_ROOT / "cgroup.procs").exists(),
+    reason="needs root, zram and cgroup v1 blkio",
+)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .qmp import QmpClient, QmpError
@@ -57,6 +59,28 @@ def qemu_argv(
         "-qmp",
         f"unix:{qmp_socket},server=on,wait=off",
     ]
+
+
+@contextmanager
+def paused_vm(argv: list[str], qmp_socket: Path, log_path: Path,
+              what: str = "") -> Iterator[PausedVm]:
+    """A paused VM for the ``with`` body; then qemu is asked to quit.
+
+    Whatever fails -- qemu, QMP, the body, or qemu's exit status -- is raised
+    as RuntimeError with the tail of qemu's log, prefixed by *what*. The QMP
+    socket is removed in any case.
+    """
+    vm = PausedVm(argv, qmp_socket, log_path)
+    try:
+        with vm:
+            yield vm
+            status = vm.quit()
+    except Exception as exc:
+        raise RuntimeError(f"{what}{exc} [qemu log: {vm.log_tail(500)}]") from exc
+    finally:
+        qmp_socket.unlink(missing_ok=True)
+    if status != 0:
+        raise RuntimeError(f"{what}qemu exited with {status}: {vm.log_tail(500)}")
 
 
 class PausedVm:
