@@ -11,11 +11,12 @@ its own exit code (see :mod:`alignfs.exitcodes`).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
 
-from . import launch, stats_view
+from . import __version__, launch, stats_view
 from .argtypes import positive_float
 from .config import ConfigError
 from .control import XATTR_FLUSH, XATTR_UMOUNT
@@ -32,7 +33,21 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(ExitCode.USAGE)
 
 
+def version() -> str:
+    """The installed distribution's version if that is the code running, else
+    ``alignfs.__version__`` (a source tree on PYTHONPATH, or no metadata)."""
+    try:
+        dist = importlib.metadata.distribution("alignfs")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+    installed = Path(str(dist.locate_file("alignfs/__init__.py")))
+    if installed.resolve() != Path(__file__).resolve().with_name("__init__.py"):
+        return __version__
+    return dist.version
+
+
 def build_parser() -> argparse.ArgumentParser:
+    ver = version()
     parser = _Parser(
         prog="alignfs",
         description="FUSE passthrough filesystem that collects small, unaligned writes into "
@@ -40,12 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n" + describe() + "\n\nAlso usable as a mount(8) helper: "
         "mount -t fuse.alignfs BACKING MOUNTPOINT -o buffer_size=8M,...",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"alignfs {ver}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount BACKING at MOUNTPOINT",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="exit codes:\n" + describe())
     add_mount_arguments(m)
+    # mount(8) users see this usage too; it says which alignfs answers.
+    m.usage = (m.format_usage().removeprefix("usage: ").rstrip().replace("%", "%%")
+               + "\n       mount -t fuse.alignfs BACKING MOUNTPOINT [-o name=value,...]"
+               + f"   (alignfs {ver})")
 
     u = sub.add_parser("umount", help="write everything back, unmount, wait for the daemon")
     u.add_argument("mountpoint", type=Path)

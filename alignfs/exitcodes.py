@@ -7,6 +7,7 @@ so they are documented in ``alignfs --help`` and the README and never reused.
 from __future__ import annotations
 
 import enum
+import textwrap
 
 
 class ExitCode(enum.IntEnum):
@@ -58,4 +59,5 @@ def describe() -> str:
         "reached BACKING is unknown (see its log)",
         ExitCode.BENCH_RUN_FAILED: "bench: a run failed (see the notes column and the logs)",
     }
-    return "\n".join(f"  {int(code):2d}  {text[code]}" for code in ExitCode)
+    return "\n".join(textwrap.fill(text[code], 78, initial_indent=f"  {int(code):2d}  ",
+                                   subsequent_indent=" " * 6) for code in ExitCode)
