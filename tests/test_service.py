@@ -300,6 +300,7 @@ def installed_alignfs_matches_repo() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(Path("/proc/1/comm").read_text().strip() == "systemd",
                     reason="PID 1 is systemd: the check boots its own systemd only where none runs")
 def test_units_under_a_real_systemd() -> None:

@@ -48,8 +48,6 @@ from .scenarios import (
 )
 from .sysutil import GiB, MiB, run, which
 
-log = logging.getLogger(__name__)
-
 #: Without --scenarios only the write scenarios run; the read scenarios
 #: (loadvm, qemu-img-read, fio-read-4k, fio-randread-4k) are chosen by name.
 DEFAULT_SCENARIOS = WRITE_SCENARIOS
