@@ -8,15 +8,16 @@ are. A writer that finds the pool empty waits (backpressure); it never fails.
 
 from __future__ import annotations
 
-import logging
 import mmap
 
 import trio
 
-log = logging.getLogger(__name__)
-
 
 class BufferPool:
+    """At most *max_buffers* mmap buffers of *buffer_size* bytes, made on demand
+    and reused; :meth:`try_take` never blocks, :meth:`wait_for_free` parks a
+    writer until :meth:`give_back` (or :meth:`wake_waiters`)."""
+
     def __init__(self, buffer_size: int, max_buffers: int) -> None:
         self.buffer_size = buffer_size
         self.max_buffers = max_buffers

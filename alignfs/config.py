@@ -1,15 +1,22 @@
-"""The settings of one mount, with their defaults and validation.
+"""The settings of one mount: each option declared once, with defaults and validation.
 
-The same names are used on the command line (``--buffer-size 4M``), as mount(8)
-``-o`` options (``buffer_size=4M``) and in systemd config files, so they are
-defined once here.
+Every option of ``alignfs mount`` is a field of :class:`MountConfig` whose
+metadata (:func:`option`) says how it is spelled and explained: the command
+line (``--buffer-size 4M``), the mount(8) form (``-o buffer_size=4M``), the
+arguments a detached daemon is started with, ``--help`` and the options of
+``alignfs install-systemd`` are all derived from it (:mod:`alignfs.mount_args`).
+So an option is added in one place, and none can be dropped on the way to the
+daemon.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+from .argtypes import on_off, positive_float, size_arg
 from .sizes import compact_size, format_size
 
 MiB = 1 << 20
@@ -26,42 +33,117 @@ DEFAULT_FLUSH_DELAY = 5.0
 DEFAULT_IO_THREADS = 8
 DEFAULT_READAHEAD = 8 * MiB
 DEFAULT_READAHEAD_MEMORY = 64 * MiB
+#: How long ``alignfs mount`` waits for a detached daemon to serve the mount.
+DEFAULT_START_TIMEOUT = 60.0
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message is shown to the user."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ValueKind:
+    """How values of one type are read from a command line and written back."""
+
+    #: placeholder in ``--help`` (``--buffer-size SIZE``)
+    metavar: str
+    #: argparse type: text -> value (raises ArgumentTypeError or ValueError)
+    parse: Callable[[str], Any]
+    #: value -> text that *parse* reads back as the same value
+    spell: Callable[[Any], str]
+    #: value -> text for a person (``--help``); *spell* if None
+    show: Callable[[Any], str] | None = None
+
+
+SIZE = ValueKind("SIZE", size_arg, compact_size)
+COUNT = ValueKind("N", int, str)
+SECONDS = ValueKind("SECONDS", positive_float, repr, show=lambda v: f"{v:g}")
+FILE = ValueKind("FILE", Path, str)
+ON_OFF = ValueKind("on|off", on_off, lambda v: "on" if v else "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How one MountConfig field appears on the command line (its metadata)."""
+
+    help: str
+    #: None: a flag (``--allow-other``), off unless given
+    kind: ValueKind | None
+    #: the long option without ``--``, if not the field name with ``-`` for ``_``
+    name: str | None = None
+    short: str | None = None
+    #: ``--help`` text of a default of None (what happens then)
+    default_text: str | None = None
+    #: test hooks and the parent-child pipe: accepted, never shown
+    hidden: bool = False
+
+
+def option(default: Any, kind: ValueKind | None, help: str, **more: Any) -> Any:
+    """A MountConfig field that is a mount option (see :class:`Option`)."""
+    if kind is None and default is not False:
+        raise TypeError("a flag is off by default")
+    return dataclasses.field(default=default, metadata={"option": Option(help, kind, **more)})
+
+
+def flag(help: str, **more: Any) -> Any:
+    """A MountConfig field that is an on/off mount option, off by default."""
+    return option(False, None, help, **more)
+
+
 @dataclasses.dataclass
 class MountConfig:
+    """What ``alignfs mount`` was asked for; every field after BACKING is a mount option."""
+
     mountpoint: Path
     backing: Path
-    #: Size of each write buffer (a multiple of the alignment).
-    buffer_size: int = DEFAULT_BUFFER_SIZE
-    #: Bound on all buffered (not yet written) data, over all files.
-    max_dirty: int = DEFAULT_MAX_DIRTY
-    #: How many buffers one file may be filling at once.
-    buffers_per_file: int | None = None
-    #: Seconds after which a partly filled buffer is written anyway.
-    flush_delay: float = DEFAULT_FLUSH_DELAY
+    buffer_size: int = option(
+        DEFAULT_BUFFER_SIZE, SIZE, "size of each aligned write buffer (bytes; K/M/G)")
+    max_dirty: int = option(
+        DEFAULT_MAX_DIRTY, SIZE, "bound on all buffered data; writers wait beyond it")
+    #: How many buffers one file may be filling at once (None: see
+    #: effective_buffers_per_file).
+    buffers_per_file: int | None = option(
+        None, COUNT, "buffers one file may fill at once",
+        default_text=f"enough for {compact_size(DEFAULT_SPAN_PER_FILE)} of the file, at "
+        f"least {MIN_BUFFERS_PER_FILE}, at most half of --max-dirty")
+    flush_delay: float = option(
+        DEFAULT_FLUSH_DELAY, SECONDS, "write a partly filled buffer after this long")
     #: Direct-I/O alignment; None means detect it from BACKING.
-    align: int | None = None
-    #: Threads doing backing writes at once.
-    io_threads: int = DEFAULT_IO_THREADS
-    #: Largest read-ahead window of a sequential reader; 0 turns read-ahead off.
-    readahead: int = DEFAULT_READAHEAD
-    #: Bound on read-ahead memory over all files.
-    readahead_memory: int = DEFAULT_READAHEAD_MEMORY
-    allow_other: bool = False
-    #: Extended attributes passed through (``--xattr on``); off answers ENOSYS
-    #: so the kernel stops asking (and POSIX ACLs are off).
-    xattr: bool = True
-    debug: bool = False
-    log_file: Path | None = None
+    align: int | None = option(
+        None, SIZE, "direct-I/O alignment", default_text="detected from BACKING, >= 4096")
+    io_threads: int = option(DEFAULT_IO_THREADS, COUNT, "backing writes in flight at once")
+    readahead: int = option(
+        DEFAULT_READAHEAD, SIZE, "largest read-ahead window for sequential readers (0 = off)")
+    readahead_memory: int = option(
+        DEFAULT_READAHEAD_MEMORY, SIZE, "bound on read-ahead memory over all files")
+    allow_other: bool = flag("let other users (e.g. QEMU as libvirt-qemu) use the mount; "
+                             "the kernel enforces file modes")
+    #: Extended attributes passed through (on); off answers ENOSYS so the
+    #: kernel stops asking (and POSIX ACLs are off).
+    xattr: bool = option(
+        True, ON_OFF, "off: extended attributes answer ENOSYS, so the kernel stops asking for "
+        "security.capability before every write(2) (small buffered writes then go at "
+        "page-cache speed); gives up POSIX ACLs, security labels (SELinux, SMACK), file "
+        "capabilities and every user.* xattr, e.g. libvirt's remembered owners")
+    #: Checked before mounting only (FUSE itself mounts over anything).
+    nonempty: bool = flag("allow mounting over a non-empty MOUNTPOINT (hides its files)")
+    #: Run the daemon in this process (systemd, tests) instead of detached.
+    foreground: bool = flag("stay attached and log to stderr", short="-f")
+    debug: bool = flag("log every decision")
+    #: How long a detached start may take (``alignfs mount`` only, not the daemon).
+    start_timeout: float = option(
+        DEFAULT_START_TIMEOUT, SECONDS, "give up (exit 7) if the detached daemon is not "
+        "serving after this long; it is stopped and nothing stays mounted")
+    log_file: Path | None = option(
+        None, FILE, "log to FILE", name="log",
+        default_text="stderr in the foreground, syslog otherwise")
     #: Fault injection for tests only (see backing_io.FaultInjector); never documented.
-    fault_file: Path | None = None
+    fault_file: Path | None = option(None, FILE, "fault-injection rules", hidden=True)
     #: Test-only: append "name offset length" for every backing write to this file.
-    trace_file: Path | None = None
+    trace_file: Path | None = option(
+        None, FILE, "trace of backing writes", name="trace-writes", hidden=True)
+    #: The pipe a detached daemon reports readiness on (set by ``alignfs mount``).
+    ready_fd: int | None = option(None, COUNT, "readiness pipe", hidden=True)
 
     @property
     def effective_buffers_per_file(self) -> int:
@@ -115,3 +197,15 @@ class MountConfig:
                 f"divide --buffer-size {compact_size(self.buffer_size)}: use a --buffer-size "
                 f"of at least {compact_size(align)}"
             )
+
+
+def options() -> Iterator[tuple[dataclasses.Field[Any], Option]]:
+    """Every mount option: the MountConfig field and how it is spelled, in --help order."""
+    for f in dataclasses.fields(MountConfig):
+        if "option" in f.metadata:
+            yield f, f.metadata["option"]
+
+
+def long_name(f: dataclasses.Field[Any], opt: Option) -> str:
+    """``--buffer-size`` for field ``buffer_size``."""
+    return "--" + (opt.name or f.name.replace("_", "-"))

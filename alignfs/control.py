@@ -13,6 +13,9 @@ the control file's too, so the same commands also work as plain file I/O:
 reading the file gives the stats JSON, writing ``flush`` or ``umount`` to it
 runs that command (the write returns when it is done). The client side tries
 the xattr first and falls back to the file.
+
+This module is the daemon's side; the commands' side is
+:mod:`alignfs.control_client`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,7 +42,7 @@ XATTR_UMOUNT = b"user.alignfs.umount"
 #: The same commands written to the file (when xattrs are off).
 FILE_FLUSH = b"flush"
 FILE_UMOUNT = b"umount"
-_FILE_COMMANDS = {XATTR_FLUSH: FILE_FLUSH, XATTR_UMOUNT: FILE_UMOUNT}
+FILE_COMMANDS = {XATTR_FLUSH: FILE_FLUSH, XATTR_UMOUNT: FILE_UMOUNT}
 
 
 class ControlFile:
@@ -109,30 +111,3 @@ class ControlFile:
         else:
             raise FUSEError(errno.EINVAL)
 
-
-def query_stats(mountpoint: str) -> dict[str, Any]:
-    """Client side: the daemon's counters (raises OSError if not an alignfs mount)."""
-    path = os.path.join(mountpoint, CONTROL_NAME.decode())
-    try:
-        raw = os.getxattr(path, XATTR_STATS)
-    except OSError as exc:
-        if exc.errno != errno.EOPNOTSUPP:
-            raise
-        with open(path, "rb") as f:  # --xattr off
-            raw = f.read()
-    return json.loads(raw)
-
-
-def request(mountpoint: str, what: bytes) -> None:
-    """Client side: send a command (XATTR_FLUSH or XATTR_UMOUNT); blocks until done."""
-    path = os.path.join(mountpoint, CONTROL_NAME.decode())
-    try:
-        os.setxattr(path, what, b"1")
-    except OSError as exc:
-        if exc.errno != errno.EOPNOTSUPP:
-            raise
-        fd = os.open(path, os.O_WRONLY)  # --xattr off
-        try:
-            os.write(fd, _FILE_COMMANDS[what])
-        finally:
-            os.close(fd)

@@ -65,6 +65,16 @@ def _first(group: BaseExceptionGroup, kind: type[DaemonError]) -> DaemonError | 
 
 
 class Daemon:
+    """One mount from start to exit: :meth:`run` returns the exit code.
+
+    It opens BACKING, composes the engine (read-ahead, write cache,
+    Operations, control file) around one BackingIO, mounts, serves until
+    unmount, ``alignfs umount`` or a signal, and writes everything back on
+    each of those ways out; the exit code is UNWRITTEN_DATA if any data did
+    not reach BACKING. A failure before the mount is live raises DaemonError,
+    which carries its own exit code.
+    """
+
     def __init__(self, config: MountConfig, on_ready: Callable[[], None] | None = None,
                  status_file: Path | None = None) -> None:
         self.config = config

@@ -7,6 +7,7 @@ so they are documented in ``alignfs --help`` and the README and never reused.
 from __future__ import annotations
 
 import enum
+import textwrap
 
 
 class ExitCode(enum.IntEnum):
@@ -34,6 +35,8 @@ class ExitCode(enum.IntEnum):
     #: ``alignfs umount``: the daemon exited without leaving its exit status, so
     #: whether all data reached BACKING is unknown (never reported as 0).
     UNKNOWN = 10
+    #: ``alignfs bench``: a benchmark run failed (the others ran; see the report).
+    BENCH_RUN_FAILED = 11
 
 
 def describe() -> str:
@@ -54,5 +57,7 @@ def describe() -> str:
         ExitCode.PERMISSION: "control channel refused (not root or the mounting user)",
         ExitCode.UNKNOWN: "umount: the daemon left no exit status; whether all data "
         "reached BACKING is unknown (see its log)",
+        ExitCode.BENCH_RUN_FAILED: "bench: a run failed (see the notes column and the logs)",
     }
-    return "\n".join(f"  {int(code):2d}  {text[code]}" for code in ExitCode)
+    return "\n".join(textwrap.fill(text[code], 78, initial_indent=f"  {int(code):2d}  ",
+                                   subsequent_indent=" " * 6) for code in ExitCode)

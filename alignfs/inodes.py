@@ -15,13 +15,10 @@ devices get synthetic numbers above 2**62.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
 import pyfuse3
-
-log = logging.getLogger(__name__)
 
 SYNTHETIC_BASE = 1 << 62
 
@@ -62,6 +59,14 @@ class Inode:
 
 
 class InodeTable:
+    """The known inodes by FUSE number and by backing (st_dev, st_ino).
+
+    :meth:`remember` counts a kernel lookup (adopting the O_PATH descriptor
+    of a new file), :meth:`forget` drops lookups and hands back the
+    descriptor to close when the kernel knows the inode no more. The root is
+    never forgotten.
+    """
+
     def __init__(self, root_fd: int) -> None:
         st = os.fstat(root_fd)
         self.root_dev = st.st_dev
@@ -125,6 +130,3 @@ class InodeTable:
         del self._by_ino[ino]
         del self._by_key[inode.key]
         return inode.fd
-
-    def all_fds(self) -> list[int]:
-        return [inode.fd for inode in self._by_ino.values()]

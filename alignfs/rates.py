@@ -10,14 +10,11 @@ from the command's loop, so it is tested on two snapshots.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from .sizes import format_size
-
-log = logging.getLogger(__name__)
 
 #: (rate key, counter it is the per-second rate of)
 PER_SECOND = (

@@ -17,13 +17,10 @@ refused.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import subprocess
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 CONF_DIR = Path("/etc/alignfs")
 UNIT_DIR = Path("/etc/systemd/system")

@@ -18,7 +18,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
-UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 STATX_DIOALIGN = 0x2000
 

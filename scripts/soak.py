@@ -48,15 +48,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's alignfs, the one the mount runs
+
+from alignfs.mounts import is_mountpoint  # noqa: E402
+from alignfs.processes import proc_status, source_env  # noqa: E402
+
 MiB = 1 << 20
 #: A single client command that takes longer than this is reported as hung.
 CLIENT_TIMEOUT = 180
 
 
 def alignfs(*args: str, timeout: float = CLIENT_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "alignfs", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "alignfs", *args], env=source_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -252,24 +255,15 @@ class Soak:
     def monitor(self) -> None:
         while not self.stop.wait(0.5):  # a sampling period, not synchronisation
             try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            self.rss_samples.append(int(line.split()[1]) * 1024)
-            except OSError:
+                self.rss_samples.append(proc_status(self.pid, "VmRSS"))
+            except (OSError, KeyError):
                 return
 
     def vm_hwm(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-
-def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+        try:
+            return proc_status(self.pid, "VmHWM")
+        except KeyError:
+            return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         soak.error(f"soak harness: {exc!r}")
     finally:
         soak.stop.set()
-        if is_mounted(mp):
+        if is_mountpoint(mp):
             subprocess.run(["umount", "-l", str(mp)], capture_output=True)
             if soak.pid:
                 try:

@@ -24,27 +24,20 @@ import pytest
 import trio
 
 from alignfs.backing_io import BackingIO
+from alignfs.bench.hddmodel import BLKIO_ROOT, ZRAM_CONTROL
+from alignfs.launch import STATUS_DIR, take_status
+from alignfs.mounts import is_mountpoint as is_mounted
+from alignfs.processes import command_lines, pid_alive
+from alignfs.processes import source_env as alignfs_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ALIGNFS = [sys.executable, "-m", "alignfs"]
-
-
-def alignfs_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 def run_alignfs(*args: str, check: bool = False, timeout: float = 120,
                 **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*ALIGNFS, *args], env=alignfs_env(), capture_output=True,
                           text=True, check=check, timeout=timeout, **kwargs)  # type: ignore
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 @dataclass
@@ -73,17 +66,9 @@ class Mount:
 
 def _force_cleanup(mountpoint: Path) -> None:
     pid = None
-    try:
-        for p in Path("/proc").iterdir():
-            if p.name.isdigit():
-                try:
-                    cmd = (p / "cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"alignfs" in b" ".join(cmd) and str(mountpoint).encode() in cmd:
-                    pid = int(p.name)
-    except OSError:
-        pass
+    for p, cmd in command_lines():
+        if b"alignfs" in b" ".join(cmd) and str(mountpoint).encode() in cmd:
+            pid = p
     subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
     if pid:
         try:
@@ -130,6 +115,15 @@ def mount_alignfs(tmp_path: Path, request: pytest.FixtureRequest) \
                 failed.append(f"{m.mountpoint}: daemon logged an internal error:\n{text[-5000:]}")
     if failed:
         pytest.fail("\n".join(failed))
+
+
+#: For tests that build the HDD model (bench.hddmodel) themselves.
+needs_hdd_model = pytest.mark.skipif(
+    os.geteuid() != 0
+    or not (ZRAM_CONTROL / "hot_add").exists()
+    or not (BLKIO_ROOT / "cgroup.procs").exists(),
+    reason="needs root, zram and cgroup v1 blkio",
+)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
@@ -179,37 +173,14 @@ def set_faults(path: Path, rules: dict[str, str] | None) -> None:
 
 # -- the daemon process ---------------------------------------------------------------
 
-#: Where a detached daemon leaves its exit code for ``alignfs umount``.
-STATUS_DIR = Path("/run/alignfs")
-
-
 def pid_gone(pid: int) -> bool:
     """The process has exited (gone, or a zombie nobody reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].startswith("Z")
-    except FileNotFoundError:
-        return True
-
-
-def proc_status(pid: int, field: str) -> int:
-    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM, ...), in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+    return not pid_alive(pid)
 
 
 def daemon_exit_status(pid: int) -> int | None:
-    """The exit code the daemon left for ``alignfs umount`` (consumed here)."""
-    path = STATUS_DIR / f"{pid}.exit"
-    try:
-        code = int(path.read_text())
-    except (OSError, ValueError):
-        return None
-    path.unlink()
-    return code
+    """The exit code a daemon run by root left for ``alignfs umount`` (consumed here)."""
+    return take_status(STATUS_DIR / f"{pid}.exit")
 
 
 def errno_of(fn: Callable[[], object]) -> int | None:

@@ -10,17 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import needs_hdd_model
 
-from alignfs.bench.hddmodel import BLKIO_ROOT, ZRAM_CONTROL, HddModel, Throttle
+from alignfs.bench.hddmodel import BLKIO_ROOT, HddModel, Throttle
 from alignfs.bench.sysutil import MiB
 from alignfs.mounts import is_mountpoint
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0
-    or not (ZRAM_CONTROL / "hot_add").exists()
-    or not (BLKIO_ROOT / "cgroup.procs").exists(),
-    reason="needs root, zram and cgroup v1 blkio",
-)
+pytestmark = needs_hdd_model
 
 SMALL = 64 * MiB
 

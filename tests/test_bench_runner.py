@@ -11,21 +11,15 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import needs_hdd_model
 
-from alignfs.bench.hddmodel import BLKIO_ROOT, ZRAM_CONTROL, HddModel
+from alignfs.bench.hddmodel import HddModel
 from alignfs.bench.mount import AlignfsCommand
 from alignfs.bench.report import render_table
 from alignfs.bench.results import RunResult
 from alignfs.bench.runner import Progress, Runner
 from alignfs.bench.scenarios import BenchContext, Case, ClientOutcome, RowDef, Scenario
 from alignfs.bench.sysutil import MiB
-
-needs_model = pytest.mark.skipif(
-    os.geteuid() != 0
-    or not (ZRAM_CONTROL / "hot_add").exists()
-    or not (BLKIO_ROOT / "cgroup.procs").exists(),
-    reason="needs root, zram and cgroup v1 blkio",
-)
 
 PAYLOAD = 2 * MiB
 CHUNK = 4000  # small and unaligned, like the clients alignfs is for
@@ -72,7 +66,7 @@ def make_runner(model: HddModel, workdir: Path, stream: io.StringIO) -> Runner:
     return runner
 
 
-@needs_model
+@needs_hdd_model
 def test_runner_direct_side(tmp_path: Path) -> None:
     out = io.StringIO()
     with HddModel(size=64 * MiB) as model:
@@ -96,7 +90,7 @@ def test_runner_direct_side(tmp_path: Path) -> None:
     assert len(lines) == 2 and lines[0].startswith("[1/2] tiny: direct (rep 1/2): ")
 
 
-@needs_model
+@needs_hdd_model
 def test_runner_alignfs_side(tmp_path: Path) -> None:
     reason = AlignfsCommand().available()
     if reason:

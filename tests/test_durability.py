@@ -17,12 +17,13 @@ from conftest import (
     daemon_exit_status,
     is_mounted,
     pid_gone,
-    proc_status,
     read_direct,
     run_alignfs,
     set_faults,
     wait_until,
 )
+
+from alignfs.processes import proc_status
 
 MiB = 1 << 20
 
@@ -139,6 +140,7 @@ def test_sigterm_with_unwritable_data_exits_6(mount_alignfs, tmp_path):
 # -- memory bound --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rss_bounded_by_max_dirty_while_streaming(mount_alignfs):
     """1 GiB (4 GiB in the original plan; reduced for CI time) streamed unaligned
     through --max-dirty 32M: the daemon's RSS stays within the bound plus the

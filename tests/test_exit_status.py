@@ -49,6 +49,8 @@ from conftest import (
     wait_until,
 )
 
+from alignfs.processes import command_lines
+
 NOBODY = 65534
 FAR = (1 << 30) + 123  # EFBIG lowers the mount's offset limit to this window
 LOST = b"L" * 3000
@@ -132,15 +134,10 @@ def test_every_way_a_mount_ends_reports_unwritten_data(
 def _daemons_of(path: Path) -> list[int]:
     """Live alignfs processes whose command line mentions *path*."""
     found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"alignfs" in cmd and str(path).encode() in cmd and not pid_gone(int(p.name)):
-            found.append(int(p.name))
+    for pid, args in command_lines():
+        cmd = b"\0".join(args)
+        if b"alignfs" in cmd and str(path).encode() in cmd and not pid_gone(pid):
+            found.append(pid)
     return found
 
 

@@ -35,7 +35,6 @@ from conftest import (
     errno_of,
     is_mounted,
     pid_gone,
-    proc_status,
     run_alignfs,
     set_faults,
     wait_until,
@@ -43,6 +42,7 @@ from conftest import (
 from faults_workers import BLOCK, ZERO, blocks, classify, file_content
 
 from alignfs.mounts import is_stale
+from alignfs.processes import proc_status
 
 MiB = 1 << 20
 WORKERS = Path(__file__).resolve().parent / "faults_workers.py"

@@ -167,12 +167,6 @@ def test_sd_notify_ready_and_stop_with_buffered_data(tmp_path: Path) -> None:
         notify.close()
 
 
-def _mount_helper_env() -> dict[str, str]:
-    """PATH with an ``alignfs`` that runs this source tree (mount.fuse3 looks it up)."""
-    env = alignfs_env()
-    return env
-
-
 @pytest.fixture
 def alignfs_on_path(tmp_path: Path) -> dict[str, str]:
     bindir = tmp_path / "bin"
@@ -306,6 +300,7 @@ def installed_alignfs_matches_repo() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(Path("/proc/1/comm").read_text().strip() == "systemd",
                     reason="PID 1 is systemd: the check boots its own systemd only where none runs")
 def test_units_under_a_real_systemd() -> None:

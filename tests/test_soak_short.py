@@ -18,6 +18,7 @@ from conftest import ROOT, alignfs_env
 SOAK = ROOT / "scripts" / "soak.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("fio") and shutil.which("qemu-img")),
                     reason="fio and qemu-img are needed")
 def test_soak_20_seconds(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Self
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,7 @@ class CleanupStack:
             _live_stacks.append(self)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         try:
             self.close()
         finally:
@@ -126,13 +121,8 @@ class StackOwner:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stack.__exit__(exc_type, exc, tb)
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.__exit__(*exc_info)
 
 
 def _close_all_live() -> None:

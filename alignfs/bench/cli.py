@@ -21,8 +21,9 @@ import textwrap
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..argtypes import positive_int, size_arg
 from ..exitcodes import ExitCode
-from ..sizes import compact_size, parse_size
+from ..sizes import compact_size
 from .cleanup import (
     BenchInterrupted,
     CleanupStack,
@@ -41,12 +42,11 @@ from .scenarios import (
     SCENARIO_NAMES,
     WRITE_SCENARIOS,
     BenchContext,
+    Scenario,
     ScenarioOptions,
     build_scenarios,
 )
 from .sysutil import GiB, MiB, run, which
-
-log = logging.getLogger(__name__)
 
 #: Without --scenarios only the write scenarios run; the read scenarios
 #: (loadvm, qemu-img-read, fio-read-4k, fio-randread-4k) are chosen by name.
@@ -66,13 +66,17 @@ DEMO_RESULT = Path("alignfs-bench-demo.json")
 
 #: Exit status of ``alignfs bench`` (also in its --help).
 EXIT_CODES = (
-    (0, "every run succeeded"),
-    (1, "a run failed (see the notes column and the logs)"),
+    (int(ExitCode.OK), "every run succeeded"),
+    (int(ExitCode.BENCH_RUN_FAILED), "a run failed (see the notes column and the logs)"),
     (int(ExitCode.USAGE), "bad command line, a --render file that is not a bench result of a "
      "version this alignfs reads, a --plot name that is not .png/.svg, an output path that "
      "cannot be written, matplotlib missing for --plot, or the benchmark could not start"),
     (128, "+ signal number: interrupted (clean-up done)"),
 )
+
+#: The HDD model's limits, each way (IOPS, bytes/s).
+DEFAULT_IOPS = 200
+DEFAULT_BPS = 150 * MiB
 
 #: Defaults for options left unset (after the preset).
 DEFAULTS: dict[str, Any] = {
@@ -82,13 +86,6 @@ DEFAULTS: dict[str, Any] = {
     "savevm_caches": ("none", "writeback"),
     "repeat": 3,
 }
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _scenario_list(text: str) -> list[str]:
@@ -109,211 +106,120 @@ def _caches(text: str) -> tuple[str, ...]:
     return modes
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alignfs bench",
         description="Benchmark clients writing directly vs. through alignfs on a "
         "throttled HDD model (zram + ext4 + blkio cgroup). Needs root. Working files "
         "and mounts go under $TMPDIR (default /tmp).",
-        epilog="exit status:\n"
-        + "\n".join(
+        epilog="exit status:\n" + "\n".join(
             textwrap.fill(text, 78, initial_indent=f"  {code:3d}  ", subsequent_indent=" " * 7)
-            for code, text in EXIT_CODES
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+            for code, text in EXIT_CODES),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_options(p)
+    _model_options(p.add_argument_group("HDD model"))
+    _size_options(p.add_argument_group("scenario sizes"))
+    _alignfs_options(p.add_argument_group("alignfs"))
+    _output_options(p.add_argument_group("output"))
+    return p
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--scenarios",
-        type=_scenario_list,
-        default=None,
+        "--scenarios", type=_scenario_list, default=None, metavar="NAME,...",
         help=f"comma-separated subset of {','.join(SCENARIO_NAMES)} (default: the write "
         f"scenarios {','.join(WRITE_SCENARIOS)}; the read scenarios "
-        f"{','.join(READ_SCENARIOS)} run only when named)",
-    )
+        f"{','.join(READ_SCENARIOS)} run only when named)")
+    p.add_argument("--repeat", type=positive_int, default=None, metavar="N",
+                   help=f"runs per case; the median is reported (default {DEFAULTS['repeat']})")
     p.add_argument(
-        "--repeat",
-        type=_positive_int,
-        default=None,
-        help="runs per case; the median is reported (default 3)",
-    )
-    p.add_argument(
-        "--demo",
-        action="store_true",
-        help="short preset: 512M savevm + 512M qemu-img bench, cache=none, "
-        f"repeat 1; writes the result ({DEMO_RESULT}, or --json-file) and the picture "
-        "next to it (or --plot) and prints their paths (explicit options still win)",
-    )
-    p.add_argument(
-        "--direct-only",
-        action="store_true",
-        help="skip the alignfs side (e.g. to measure the model alone)",
-    )
+        "--demo", action="store_true",
+        help=f"short preset: {compact_size(DEMO_PRESET['ram'])} savevm + "
+        f"{compact_size(DEMO_PRESET['bench_size'])} qemu-img bench, cache=none, repeat "
+        f"{DEMO_PRESET['repeat']}; writes the result ({DEMO_RESULT}, or --json-file) and the "
+        "picture next to it (or --plot) and prints their paths (explicit options still win)")
+    p.add_argument("--direct-only", action="store_true",
+                   help="skip the alignfs side (e.g. to measure the model alone)")
 
-    g = p.add_argument_group("HDD model")
-    g.add_argument(
-        "--iops",
-        type=_positive_int,
-        default=200,
-        help="IOPS limit for reads and for writes (default 200)",
-    )
+
+def _model_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--iops", type=positive_int, default=DEFAULT_IOPS, metavar="N",
+                   help=f"IOPS limit for reads and for writes (default {DEFAULT_IOPS})")
     bw = g.add_mutually_exclusive_group()
-    bw.add_argument(
-        "--bps",
-        type=_size,
-        default=None,
-        help="bandwidth limit per direction, bytes/s with units (default 150M)",
-    )
-    bw.add_argument(
-        "--mbps",
-        type=float,
-        default=None,
-        help="bandwidth limit per direction in MiB/s (default 150)",
-    )
+    bw.add_argument("--bps", type=size_arg, default=None, metavar="SIZE",
+                    help="bandwidth limit per direction, bytes/s with units "
+                    f"(default {compact_size(DEFAULT_BPS)})")
+    bw.add_argument("--mbps", type=float, default=None,
+                    help=f"bandwidth limit per direction in MiB/s (default {DEFAULT_BPS // MiB})")
     g.add_argument("--no-throttle", action="store_true", help="no blkio limits at all")
-    g.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        help="use this existing directory (on a real disk) instead of zram",
-    )
-    g.add_argument(
-        "--model-size",
-        type=_size,
-        default=None,
-        help="zram disk size (default: enough for the chosen sizes)",
-    )
+    g.add_argument("--dir", type=Path, default=None,
+                   help="use this existing directory (on a real disk) instead of zram")
+    g.add_argument("--model-size", type=size_arg, default=None, metavar="SIZE",
+                   help="zram disk size (default: enough for the chosen sizes)")
 
-    s = p.add_argument_group("scenario sizes")
-    s.add_argument(
-        "--ram", type=_size, default=None, help="savevm / loadvm VM RAM size (default 1G)"
-    )
-    s.add_argument(
-        "--disk-size",
-        type=_size,
-        default=8 * GiB,
-        help="virtual size of the savevm qcow2 image (default 8G)",
-    )
-    s.add_argument(
-        "--savevm-caches",
-        type=_caches,
-        default=None,
+
+def _size_options(g: argparse._ArgumentGroup) -> None:
+    def size(flag: str, default: int | None, help: str, shown: int | None = None) -> None:
+        shown = default if shown is None else shown
+        g.add_argument(flag, type=size_arg, default=default, metavar="SIZE",
+                       help=f"{help} (default {compact_size(shown)})" if shown else help)
+
+    size("--ram", None, "savevm / loadvm VM RAM size", DEFAULTS["ram"])
+    size("--disk-size", 8 * GiB, "virtual size of the savevm qcow2 image")
+    g.add_argument(
+        "--savevm-caches", type=_caches, default=None, metavar="none[,writeback]",
         help="qemu cache modes for savevm and loadvm: none or none,writeback (default both; "
-        "for loadvm, writeback adds a direct-only reference line)",
-    )
-    s.add_argument(
-        "--verify-loadvm",
-        action="store_true",
+        "for loadvm, writeback adds a direct-only reference line)")
+    g.add_argument(
+        "--verify-loadvm", action="store_true",
         help="after each savevm, loadvm the snapshot from the backing file and compare "
-        "the restored RAM byte for byte (reads it back through the throttle)",
-    )
-    s.add_argument(
-        "--bench-size",
-        type=_size,
-        default=None,
-        help="bytes qemu-img bench writes, and qemu-img-read reads (default 1G)",
-    )
-    s.add_argument(
-        "--bench-depth",
-        type=_positive_int,
-        default=None,
-        help="qemu-img bench queue depth (default: qemu-img's)",
-    )
-    s.add_argument(
-        "--fio-runtime",
-        type=float,
-        default=10.0,
-        help="seconds per fio-4k / fio-512 / fio-read-4k / fio-randread-4k run (default 10)",
-    )
-    s.add_argument(
-        "--fio-size",
-        type=_size,
-        default=256 * MiB,
-        help="file size for fio-4k / fio-512 (default 256M)",
-    )
-    s.add_argument(
-        "--fio-1m-size", type=_size, default=GiB, help="bytes written by fio-1m (default 1G)"
-    )
-    s.add_argument(
-        "--fio-read-size",
-        type=_size,
-        default=GiB,
-        help="size of the prefilled file fio-read-4k / fio-randread-4k read (default 1G)",
-    )
-    s.add_argument(
-        "--ram-dir",
-        type=Path,
-        default=Path("/dev/shm"),
-        help="tmpfs directory for the VM's RAM file (default /dev/shm)",
-    )
-    s.add_argument(
-        "--timeout",
-        type=float,
-        default=3600.0,
-        help="seconds before a single client run is abandoned (default 3600)",
-    )
+        "the restored RAM byte for byte (reads it back through the throttle)")
+    size("--bench-size", None, "bytes qemu-img bench writes, and qemu-img-read reads",
+         DEFAULTS["bench_size"])
+    g.add_argument("--bench-depth", type=positive_int, default=None, metavar="N",
+                   help="qemu-img bench queue depth (default: qemu-img's)")
+    g.add_argument("--fio-runtime", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds per fio-4k / fio-512 / fio-read-4k / fio-randread-4k run "
+                   "(default 10)")
+    size("--fio-size", 256 * MiB, "file size for fio-4k / fio-512")
+    size("--fio-1m-size", GiB, "bytes written by fio-1m")
+    size("--fio-read-size", GiB, "size of the prefilled file fio-read-4k / fio-randread-4k read")
+    g.add_argument("--ram-dir", type=Path, default=Path("/dev/shm"), metavar="DIR",
+                   help="tmpfs directory for the VM's RAM file (default /dev/shm)")
+    g.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="seconds before a single client run is abandoned (default 3600)")
 
-    a = p.add_argument_group("alignfs")
-    a.add_argument(
-        "--alignfs-cmd",
-        default=None,
-        help="command prefix for alignfs (default: "
-        f"'{sys.executable} -m alignfs' with the source tree on PYTHONPATH)",
-    )
-    a.add_argument(
-        "--mount-options",
-        default="",
-        help="extra arguments for 'alignfs mount', e.g. '--buffer-size 4M'",
-    )
 
-    o = p.add_argument_group("output")
-    o.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    o.add_argument("--json-file", type=Path, default=None, help="also write JSON to this file")
-    o.add_argument(
-        "--render",
-        type=Path,
-        default=None,
-        metavar="JSON_FILE",
-        help="only print the table of a result file written by --json-file (and draw it "
-        "with --plot), then exit",
-    )
-    o.add_argument(
-        "--plot",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="draw the picture to FILE (.png or .svg): direct vs alignfs per scenario "
-        "against the model's limit, and bytes over time of one alignfs run (needs "
-        "matplotlib: the alignfs[plot] extra)",
-    )
-    o.add_argument(
-        "--plot-timeline",
-        default=DEFAULT_TIMELINE_SCENARIO,
-        choices=SCENARIO_NAMES,
-        metavar="SCENARIO",
-        help="scenario whose alignfs run the picture shows over time (default "
-        f"{DEFAULT_TIMELINE_SCENARIO}; else the first write scenario run)",
-    )
-    o.add_argument(
-        "--log-dir",
-        type=Path,
-        default=None,
-        help="keep qemu/alignfs logs here (default: kept only if a run failed)",
-    )
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    o.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    a.add_argument(
-        "--no-daemon-log",
-        action="store_true",
-        help="do not pass '--log FILE' to 'alignfs mount' (daemon logs go to its default)",
-    )
-    return p
+def _alignfs_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--alignfs-cmd", default=None, metavar="COMMAND",
+                   help=f"command prefix for alignfs (default: '{sys.executable} -m alignfs' "
+                   "with the source tree on PYTHONPATH)")
+    g.add_argument("--mount-options", default="", metavar="OPTIONS",
+                   help="extra arguments for 'alignfs mount', e.g. '--buffer-size 4M'")
+    g.add_argument("--no-daemon-log", action="store_true",
+                   help="do not pass '--log FILE' to 'alignfs mount' (daemon logs go to its "
+                   "default)")
+
+
+def _output_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    g.add_argument("--json-file", type=Path, default=None, metavar="FILE",
+                   help="also write JSON to this file")
+    g.add_argument("--render", type=Path, default=None, metavar="JSON_FILE",
+                   help="only print the table of a result file written by --json-file (and "
+                   "draw it with --plot), then exit")
+    g.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="draw the picture to FILE (.png or .svg): direct vs alignfs per "
+                   "scenario against the model's limit, and bytes over time of one alignfs run "
+                   "(needs matplotlib: the alignfs[plot] extra)")
+    g.add_argument("--plot-timeline", default=DEFAULT_TIMELINE_SCENARIO, choices=SCENARIO_NAMES,
+                   metavar="SCENARIO",
+                   help="scenario whose alignfs run the picture shows over time (default "
+                   f"{DEFAULT_TIMELINE_SCENARIO}; else the first write scenario run)")
+    g.add_argument("--log-dir", type=Path, default=None, metavar="DIR",
+                   help="keep qemu/alignfs logs here (default: kept only if a run failed)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -326,7 +232,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.mbps is not None:
         args.bps = int(args.mbps * MiB)
     elif args.bps is None:
-        args.bps = 150 * MiB
+        args.bps = DEFAULT_BPS
     if args.demo and args.render is None:
         if args.json_file is None:
             args.json_file = (
@@ -401,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "alignfs bench: must run as root (zram, cgroups, mounts, drop_caches)", file=sys.stderr
         )
-        return 2
+        return ExitCode.USAGE
     previous = install_signal_handlers()
     try:
         return _run(args)
@@ -462,9 +368,40 @@ def render_saved(path: Path, plot: Path | None = None,
 
 
 def _run(args: argparse.Namespace) -> int:
-    scenarios = build_scenarios(args.scenarios, scenario_options(args))
-    runnable = []
-    skipped: list[str] = []
+    runnable, skipped = _runnable(build_scenarios(args.scenarios, scenario_options(args)))
+    if not runnable:
+        print("alignfs bench: nothing to run", file=sys.stderr)
+        return ExitCode.USAGE
+    cmd = alignfs_command(args)
+    unavailable = "--direct-only" if args.direct_only else cmd.available()
+    if unavailable and not args.direct_only:
+        print(f"alignfs bench: alignfs side will fail: {unavailable}", file=sys.stderr)
+    rows, meta = _run_all(args, runnable, cmd, unavailable, skipped)
+
+    text = render_json(rows, meta)
+    if args.json_file:
+        args.json_file.write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(_header(meta))
+        print(render_table(rows))
+        for msg in skipped:
+            print(f"({msg})")
+    # With --json, stdout is the JSON alone: the paths go to stderr.
+    paths_to = sys.stderr if args.json else sys.stdout
+    if args.json_file:
+        print(f"result: {args.json_file.resolve()}", file=paths_to)
+    if args.plot is not None:
+        code = write_plot(rows, meta, args.plot, args.plot_timeline, paths_to)
+        if code != ExitCode.OK:
+            return code
+    return ExitCode.BENCH_RUN_FAILED if _any_failed(rows) else ExitCode.OK
+
+
+def _runnable(scenarios: list[Scenario]) -> tuple[list[Scenario], list[str]]:
+    """The scenarios whose tools are installed, and why the others are skipped."""
+    runnable, skipped = [], []
     for sc in scenarios:
         missing = sc.missing_tools()
         if missing:
@@ -473,32 +410,39 @@ def _run(args: argparse.Namespace) -> int:
             skipped.append(msg)
         else:
             runnable.append(sc)
-    if not runnable:
-        print("alignfs bench: nothing to run", file=sys.stderr)
-        return 2
-    cmd = alignfs_command(args)
-    unavailable = "--direct-only" if args.direct_only else cmd.available()
-    if unavailable and not args.direct_only:
-        print(f"alignfs bench: alignfs side will fail: {unavailable}", file=sys.stderr)
+    return runnable, skipped
 
+
+class _LogKeeper:
+    """At clean-up, copies the runs' logs out of the work directory that is
+    about to go: to --log-dir, else (unless every run succeeded) to $TMPDIR."""
+
+    def __init__(self, logs: Path, log_dir: Path | None) -> None:
+        self.logs = logs
+        self.log_dir = log_dir
+        #: cleared once every run succeeded (an interrupted bench keeps its logs)
+        self.keep = True
+
+    def __call__(self) -> None:
+        kept = Path(tempfile.gettempdir()) / f"bench-logs-{os.getpid()}"
+        target = self.log_dir or (kept if self.keep else None)
+        if target is not None and any(self.logs.iterdir()):
+            shutil.copytree(self.logs, target, dirs_exist_ok=True)
+            print(f"alignfs bench: logs kept in {target}", file=sys.stderr)
+
+
+def _run_all(args: argparse.Namespace, runnable: list[Scenario], cmd: AlignfsCommand,
+             unavailable: str | None, skipped: list[str]) -> tuple[list[RowResult], dict[str, Any]]:
+    """Set up the HDD model and run every case; the rows and the run's metadata."""
     rows: list[RowResult] = []
-    failed_runs = 0
     with CleanupStack("bench-main") as stack:
         workdir = Path(tempfile.mkdtemp(prefix="bench-"))
         stack.push(f"remove {workdir}", lambda: shutil.rmtree(workdir, ignore_errors=True))
         (workdir / "logs").mkdir()
         ram_dir = args.ram_dir / f"bench-{os.getpid()}"
         stack.push(f"remove {ram_dir}", lambda: shutil.rmtree(ram_dir, ignore_errors=True))
-        logs_kept = {"flag": True}  # cleared once every run succeeded
-
-        def keep_logs() -> None:
-            kept = Path(tempfile.gettempdir()) / f"bench-logs-{os.getpid()}"
-            target = args.log_dir or (kept if logs_kept["flag"] else None)
-            if target is not None and any((workdir / "logs").iterdir()):
-                shutil.copytree(workdir / "logs", target, dirs_exist_ok=True)
-                print(f"alignfs bench: logs kept in {target}", file=sys.stderr)
-
-        stack.push("keep logs", keep_logs)
+        keeper = _LogKeeper(workdir / "logs", args.log_dir)
+        stack.push("keep logs", keeper)
         with HddModel(
             throttle=throttle_from(args),
             size=args.model_size,
@@ -524,28 +468,12 @@ def _run(args: argparse.Namespace) -> int:
             meta["max_cpu_pressure"] = max(
                 (run_.extra["cpu_pressure"] for run_ in runs if "cpu_pressure" in run_.extra),
                 default=None)
-        failed_runs = sum(1 for r in rows for run_ in r.direct_runs + r.alignfs_runs if not run_.ok)
-        logs_kept["flag"] = failed_runs > 0
+        keeper.keep = _any_failed(rows)
+    return rows, meta
 
-    text = render_json(rows, meta)
-    if args.json_file:
-        args.json_file.write_text(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        print(_header(meta))
-        print(render_table(rows))
-        for msg in skipped:
-            print(f"({msg})")
-    # With --json, stdout is the JSON alone: the paths go to stderr.
-    paths_to = sys.stderr if args.json else sys.stdout
-    if args.json_file:
-        print(f"result: {args.json_file.resolve()}", file=paths_to)
-    if args.plot is not None:
-        code = write_plot(rows, meta, args.plot, args.plot_timeline, paths_to)
-        if code != ExitCode.OK:
-            return code
-    return 1 if failed_runs else 0
+
+def _any_failed(rows: list[RowResult]) -> bool:
+    return any(not run_.ok for r in rows for run_ in r.direct_runs + r.alignfs_runs)
 
 
 def _meta(

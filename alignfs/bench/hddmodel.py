@@ -96,7 +96,6 @@ class HddModel(StackOwner):
         self.cgroup: Path | None = None
         self.throttled = False
         self._stack = CleanupStack("hddmodel")
-        self._own_workdir = False
 
     # -- description -------------------------------------------------------
 
@@ -136,7 +135,6 @@ class HddModel(StackOwner):
     def _setup(self) -> None:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="bench-model-"))
-            self._own_workdir = True
             self._stack.push(f"rmdir {self.workdir}", self._rmdir_workdir)
         if self.directory is not None:
             self._setup_directory()

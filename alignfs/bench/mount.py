@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ..mounts import is_mountpoint
+from ..processes import command_lines, pid_alive, source_env
 from .cleanup import CleanupStack, StackOwner
-from .sysutil import find_pids_with_arg, process_cpu_seconds, run
+from .sysutil import process_cpu_seconds, run, which
 
 log = logging.getLogger(__name__)
-
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 STAT_KEYS = (
     "write_requests",
@@ -59,10 +58,7 @@ class AlignfsCommand:
     umount_timeout: float = 900.0
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        paths = [str(SOURCE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
-        env["PYTHONPATH"] = ":".join(dict.fromkeys(paths))
-        return env
+        return source_env()
 
     def argv(self, *args: str) -> list[str]:
         return [*self.prefix, *args]
@@ -70,7 +66,7 @@ class AlignfsCommand:
     def available(self) -> str | None:
         """None if the command can be run, else a reason."""
         exe = self.prefix[0]
-        if os.sep not in exe and not _on_path(exe):
+        if os.sep not in exe and which(exe) is None:
             return f"{exe} not found"
         if self.prefix[1:3] == ["-m", "alignfs"]:
             probe = subprocess.run(
@@ -83,12 +79,6 @@ class AlignfsCommand:
             if probe.returncode != 0:
                 return "python -m alignfs not importable: " + probe.stderr.strip()[-300:]
         return None
-
-
-def _on_path(exe: str) -> bool:
-    from shutil import which
-
-    return which(exe) is not None
 
 
 def normalize_stats(raw: Any) -> dict[str, Any]:
@@ -169,7 +159,8 @@ class AlignfsMount(StackOwner):
         stats = self.stats()
         if stats and isinstance(stats.get("pid"), int):
             return int(stats["pid"])
-        pids = [p for p in find_pids_with_arg(str(self.mountpoint)) if p != os.getpid()]
+        needle = str(self.mountpoint).encode()
+        pids = [pid for pid, args in command_lines() if needle in args and pid != os.getpid()]
         if len(pids) == 1:
             return pids[0]
         log.debug("cannot identify daemon pid for %s: candidates %s", self.mountpoint, pids)
@@ -206,7 +197,7 @@ class AlignfsMount(StackOwner):
         that command ten times a second would cost the measured machine about
         a CPU. Raises OSError when the mount is gone (or going).
         """
-        from ..control import query_stats
+        from ..control_client import query_stats
 
         return query_stats(str(self.mountpoint))
 
@@ -254,19 +245,12 @@ class AlignfsMount(StackOwner):
                 run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False, timeout=60)
         if self.pid is not None:
             deadline = time.monotonic() + 30
-            while _alive(self.pid) and time.monotonic() < deadline:
+            while pid_alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(self.pid):
+            if pid_alive(self.pid):
                 log.warning("alignfs daemon %d still alive after unmount; killing it", self.pid)
                 try:
                     os.kill(self.pid, 9)
                 except ProcessLookupError:
                     pass
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rindex(")") + 2] != "Z"

@@ -13,7 +13,6 @@ import logging
 import socket
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -66,12 +65,7 @@ class QmpClient:
     def __enter__(self) -> QmpClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def execute(

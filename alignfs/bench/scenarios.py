@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ from typing import Any
 from ..sizes import compact_size
 from .qmp import QmpError
 from .results import ALIGNFS, DIRECT
-from .sysutil import GiB, MiB, run, which
-from .vm import QEMU, PausedVm, make_random_file, qemu_argv
+from .sysutil import GiB, MiB, fill_random, fill_zeros, run, which
+from .vm import QEMU, PausedVm, make_random_file, paused_vm, qemu_argv
 
 log = logging.getLogger(__name__)
 
@@ -217,30 +218,24 @@ class SavevmScenario(Scenario):
             timeout=60,
         )
 
-    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
-        assert self.ram_file is not None
-        sock = ctx.workdir / "qmp.sock"
+    def _vm(self, ram_file: Path, disk: Path, cache: str, tag: str, what: str = "",
+            socket: str = "qmp.sock") -> AbstractContextManager[PausedVm]:
+        """A paused VM with *ram_file* as RAM and *disk* (see :func:`paused_vm`);
+        its log is ``logs/qemu-NAME-TAG.log``."""
+        assert self.ctx is not None
+        sock = self.ctx.workdir / socket
         sock.unlink(missing_ok=True)
         argv = qemu_argv(
-            ram_file=self.ram_file,
-            ram_size=self.ram,
-            disk=target / "disk.qcow2",
-            cache=case.param("cache"),
-            qmp_socket=sock,
+            ram_file=ram_file, ram_size=self.ram, disk=disk, cache=cache, qmp_socket=sock
         )
-        log_path = ctx.workdir / "logs" / f"qemu-{self.name}-{case.key}.log"
-        vm = PausedVm(argv, sock, log_path)
-        try:
-            with vm:
-                started = time.monotonic()
-                seconds = vm.savevm("snap1", timeout=ctx.timeout)
-                status = vm.quit()
-        except Exception as exc:
-            raise RuntimeError(f"{exc} [qemu log: {vm.log_tail(500)}]") from exc
-        finally:
-            sock.unlink(missing_ok=True)
-        if status != 0:
-            raise RuntimeError(f"qemu exited with {status}: {vm.log_tail(500)}")
+        log_path = self.ctx.workdir / "logs" / f"qemu-{self.name}-{tag}.log"
+        return paused_vm(argv, sock, log_path, what)
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        assert self.ram_file is not None
+        with self._vm(self.ram_file, target / "disk.qcow2", case.param("cache"), case.key) as vm:
+            started = time.monotonic()
+            seconds = vm.savevm("snap1", timeout=ctx.timeout)
         return ClientOutcome(seconds, self.ram, files=["disk.qcow2"], started=started)
 
     def verify(self, case: Case, backing: Path) -> str | None:
@@ -263,26 +258,19 @@ class SavevmScenario(Scenario):
         """
         assert self.ctx is not None and self.ram_file is not None
         copy = self.ram_file.with_name("loadvm-check.bin")
-        sock = self.ctx.workdir / "qmp-verify.sock"
         try:
             make_random_file(copy, self.ram)  # different random data to start with
-            argv = qemu_argv(
-                ram_file=copy, ram_size=self.ram, disk=image, cache="none", qmp_socket=sock
-            )
-            log_path = self.ctx.workdir / "logs" / f"qemu-{self.name}-{case.key}-loadvm.log"
-            vm = PausedVm(argv, sock, log_path)
-            with vm:
+            with self._vm(copy, image, "none", f"{case.key}-loadvm",
+                          socket="qmp-verify.sock") as vm:
                 out = vm.qmp.hmp("loadvm snap1", timeout=self.ctx.timeout)
-                if out.strip():
-                    return f"loadvm snap1: {out.strip()[:300]}"
-                vm.quit()
+            if out.strip():
+                return f"loadvm snap1: {out.strip()[:300]}"
             offset = first_difference(self.ram_file, copy)
             if offset is not None:
                 return f"RAM restored by loadvm differs from the saved RAM at offset {offset}"
             return None
         finally:
             copy.unlink(missing_ok=True)
-            sock.unlink(missing_ok=True)
 
 
 def first_difference(a: Path, b: Path, chunk: int = 16 << 20) -> int | None:
@@ -499,27 +487,6 @@ def parse_fio_json(text: str, section: str = "write") -> dict[str, Any]:
 # read scenarios
 
 
-def fill_random(path: Path, size: int, chunk: int = 16 << 20) -> None:
-    """Create *path* with *size* fresh random bytes (overwriting it)."""
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            n = min(chunk, left)
-            f.write(os.urandom(n))
-            left -= n
-
-
-def fill_zeros(path: Path, size: int, chunk: int = 16 << 20) -> None:
-    """Write *size* zero bytes over *path* (allocated, unlike a sparse file)."""
-    zeros = bytes(chunk)
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            n = min(chunk, left)
-            f.write(zeros[:n])
-            left -= n
-
-
 class LoadvmScenario(SavevmScenario):
     """``loadvm`` of a snapshot of random RAM from a qcow2 image (the read headline).
 
@@ -586,50 +553,24 @@ class LoadvmScenario(SavevmScenario):
         if self.target_file is not None:
             self.target_file.unlink(missing_ok=True)
 
-    def _vm(self, ram_file: Path, disk: Path, cache: str, tag: str) -> PausedVm:
-        assert self.ctx is not None
-        sock = self.ctx.workdir / "qmp.sock"
-        sock.unlink(missing_ok=True)
-        argv = qemu_argv(
-            ram_file=ram_file, ram_size=self.ram, disk=disk, cache=cache, qmp_socket=sock
-        )
-        log_path = self.ctx.workdir / "logs" / f"qemu-{self.name}-{tag}.log"
-        return PausedVm(argv, sock, log_path)
-
     def prepare(self, case: Case, backing: Path) -> None:
         assert self.ctx is not None and self.ram_file is not None
         assert self.target_file is not None
         super().prepare(case, backing)  # the empty qcow2 image
-        vm = self._vm(self.ram_file, backing / "disk.qcow2", "writeback", f"{case.key}-savevm")
-        try:
-            with vm:
-                vm.savevm("snap1", timeout=self.ctx.timeout)
-                status = vm.quit()
-        except Exception as exc:
-            raise RuntimeError(f"set-up savevm: {exc} [qemu log: {vm.log_tail(500)}]") from exc
-        finally:
-            vm.qmp_socket.unlink(missing_ok=True)
-        if status != 0:
-            raise RuntimeError(f"set-up savevm: qemu exited with {status}: {vm.log_tail(500)}")
+        with self._vm(self.ram_file, backing / "disk.qcow2", "writeback", f"{case.key}-savevm",
+                      what="set-up savevm: ") as vm:
+            vm.savevm("snap1", timeout=self.ctx.timeout)
         fill_zeros(self.target_file, self.ram)
 
     def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
         assert self.target_file is not None
-        vm = self._vm(self.target_file, target / "disk.qcow2", case.param("cache"), case.key)
-        try:
-            with vm:
-                t0 = time.monotonic()
-                out = vm.qmp.hmp("loadvm snap1", timeout=ctx.timeout)
-                seconds = time.monotonic() - t0
-                if out.strip():
-                    raise QmpError(f"loadvm snap1: {out.strip()[:300]}")
-                status = vm.quit()
-        except Exception as exc:
-            raise RuntimeError(f"{exc} [qemu log: {vm.log_tail(500)}]") from exc
-        finally:
-            vm.qmp_socket.unlink(missing_ok=True)
-        if status != 0:
-            raise RuntimeError(f"qemu exited with {status}: {vm.log_tail(500)}")
+        with self._vm(self.target_file, target / "disk.qcow2", case.param("cache"),
+                      case.key) as vm:
+            t0 = time.monotonic()
+            out = vm.qmp.hmp("loadvm snap1", timeout=ctx.timeout)
+            seconds = time.monotonic() - t0
+            if out.strip():
+                raise QmpError(f"loadvm snap1: {out.strip()[:300]}")
         # Nothing was written: no files to fsync.
         return ClientOutcome(seconds, self.ram, started=t0)
 
@@ -777,11 +718,6 @@ class FioReadScenario(FioScenario):
 # registry
 
 
-WRITE_SCENARIOS = ("savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast")
-READ_SCENARIOS = ("loadvm", "qemu-img-read", "fio-read-4k", "fio-randread-4k")
-SCENARIO_NAMES = WRITE_SCENARIOS + READ_SCENARIOS
-
-
 @dataclass
 class ScenarioOptions:
     """Sizes and limits the scenarios are built with (from the command line)."""
@@ -798,60 +734,54 @@ class ScenarioOptions:
     fio_read_size: int = GiB
 
 
+@dataclass(frozen=True)
+class Registered:
+    """What a scenario name builds, from its name and the options."""
+
+    build: Callable[[str, ScenarioOptions], list[Scenario]]
+    #: a read scenario runs only when named
+    reads: bool = False
+
+
+#: Every scenario name, in the order they run: the one list that --scenarios
+#: (its check and help), --plot-timeline and :func:`build_scenarios` use.
+SCENARIOS: dict[str, Registered] = {
+    "savevm": Registered(lambda name, o: [SavevmScenario(
+        ram=o.ram, disk_size=o.disk_size, caches=o.savevm_caches,
+        verify_loadvm=o.verify_loadvm)]),
+    "qemu-img-bench": Registered(lambda name, o: [
+        QemuImgBenchScenario(total=o.bench_total, depth=o.bench_depth)]),
+    "fio-4k": Registered(lambda name, o: [
+        FioScenario(name=name, bs=4096, size=o.fio_small_size, runtime=o.fio_runtime)]),
+    "fio-512": Registered(lambda name, o: [
+        FioScenario(name=name, bs=512, size=o.fio_small_size, runtime=o.fio_runtime)]),
+    "fio-1m": Registered(lambda name, o: [FioScenario(name=name, bs=MiB, size=o.fio_1m_size)]),
+    # The same on the unthrottled fast disk: what alignfs costs where it cannot help.
+    "fast": Registered(lambda name, o: [
+        SavevmScenario(name="fast-savevm", ram=o.ram, disk_size=o.disk_size, throttled=False,
+                       caches=("none",)),
+        FioScenario(name="fast-fio-1m", bs=MiB, size=o.fio_1m_size, throttled=False)]),
+    "loadvm": Registered(lambda name, o: [
+        LoadvmScenario(ram=o.ram, disk_size=o.disk_size, caches=o.savevm_caches)], reads=True),
+    "qemu-img-read": Registered(lambda name, o: [
+        QemuImgReadScenario(total=o.bench_total, depth=o.bench_depth)], reads=True),
+    "fio-read-4k": Registered(lambda name, o: [FioReadScenario(
+        name=name, rw="read", bs=4096, size=o.fio_read_size, runtime=o.fio_runtime)],
+        reads=True),
+    "fio-randread-4k": Registered(lambda name, o: [FioReadScenario(
+        name=name, rw="randread", bs=4096, size=o.fio_read_size, runtime=o.fio_runtime)],
+        reads=True),
+}
+SCENARIO_NAMES = tuple(SCENARIOS)
+WRITE_SCENARIOS = tuple(name for name, entry in SCENARIOS.items() if not entry.reads)
+READ_SCENARIOS = tuple(name for name, entry in SCENARIOS.items() if entry.reads)
+
+
 def build_scenarios(names: list[str], opts: ScenarioOptions) -> list[Scenario]:
     """Scenario objects for *names* (``fast`` expands into two)."""
     out: list[Scenario] = []
     for name in names:
-        if name == "savevm":
-            out.append(
-                SavevmScenario(
-                    ram=opts.ram,
-                    disk_size=opts.disk_size,
-                    caches=opts.savevm_caches,
-                    verify_loadvm=opts.verify_loadvm,
-                )
-            )
-        elif name == "qemu-img-bench":
-            out.append(QemuImgBenchScenario(total=opts.bench_total, depth=opts.bench_depth))
-        elif name == "fio-4k":
-            out.append(
-                FioScenario(name=name, bs=4096, size=opts.fio_small_size, runtime=opts.fio_runtime)
-            )
-        elif name == "fio-512":
-            out.append(
-                FioScenario(name=name, bs=512, size=opts.fio_small_size, runtime=opts.fio_runtime)
-            )
-        elif name == "fio-1m":
-            out.append(FioScenario(name=name, bs=MiB, size=opts.fio_1m_size))
-        elif name == "fast":
-            out.append(
-                SavevmScenario(
-                    name="fast-savevm",
-                    ram=opts.ram,
-                    disk_size=opts.disk_size,
-                    throttled=False,
-                    caches=("none",),
-                )
-            )
-            out.append(
-                FioScenario(name="fast-fio-1m", bs=MiB, size=opts.fio_1m_size, throttled=False)
-            )
-        elif name == "loadvm":
-            out.append(
-                LoadvmScenario(ram=opts.ram, disk_size=opts.disk_size, caches=opts.savevm_caches)
-            )
-        elif name == "qemu-img-read":
-            out.append(QemuImgReadScenario(total=opts.bench_total, depth=opts.bench_depth))
-        elif name in ("fio-read-4k", "fio-randread-4k"):
-            out.append(
-                FioReadScenario(
-                    name=name,
-                    rw="randread" if name == "fio-randread-4k" else "read",
-                    bs=4096,
-                    size=opts.fio_read_size,
-                    runtime=opts.fio_runtime,
-                )
-            )
-        else:
+        if name not in SCENARIOS:
             raise ValueError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIO_NAMES)})")
+        out += SCENARIOS[name].build(name, opts)
     return out

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,25 @@ def which(name: str) -> str | None:
     return shutil.which(name)
 
 
+def fill_random(path: Path, size: int, chunk: int = 16 << 20) -> None:
+    """Create *path* with *size* fresh random bytes (overwriting it)."""
+    _fill(path, size, os.urandom, chunk)
+
+
+def fill_zeros(path: Path, size: int, chunk: int = 16 << 20) -> None:
+    """Write *size* zero bytes over *path* (allocated, unlike a sparse file)."""
+    _fill(path, size, bytes, chunk)
+
+
+def _fill(path: Path, size: int, data: Callable[[int], bytes], chunk: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(chunk, left)
+            f.write(data(n))
+            left -= n
+
+
 def write_text(path: Path | str, text: str) -> None:
     """Write to a sysfs/procfs/cgroupfs file in one ``write()`` call."""
     fd = os.open(path, os.O_WRONLY)
@@ -103,21 +122,6 @@ def cpu_pressure_total() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def find_pids_with_arg(needle: str) -> list[int]:
-    """PIDs whose command line contains the exact argument *needle*."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle.encode() in args:
-            pids.append(int(entry.name))
-    return pids
 
 
 def whole_disk_of(dev: int) -> tuple[int, int]:

@@ -10,13 +10,14 @@ must live outside the HDD model, on tmpfs, so reading it costs nothing.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 
 from .qmp import QmpClient, QmpError
+from .sysutil import fill_random
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,7 @@ def make_random_file(path: Path, size: int, chunk: int = 16 << 20) -> None:
     except FileNotFoundError:
         pass
     tmp = path.with_suffix(".part")
-    with open(tmp, "wb") as f:
-        left = size
-        while left > 0:
-            n = min(chunk, left)
-            f.write(os.urandom(n))
-            left -= n
+    fill_random(tmp, size, chunk)
     tmp.rename(path)
 
 
@@ -65,6 +61,28 @@ def qemu_argv(
     ]
 
 
+@contextmanager
+def paused_vm(argv: list[str], qmp_socket: Path, log_path: Path,
+              what: str = "") -> Iterator[PausedVm]:
+    """A paused VM for the ``with`` body; then qemu is asked to quit.
+
+    Whatever fails -- qemu, QMP, the body, or qemu's exit status -- is raised
+    as RuntimeError with the tail of qemu's log, prefixed by *what*. The QMP
+    socket is removed in any case.
+    """
+    vm = PausedVm(argv, qmp_socket, log_path)
+    try:
+        with vm:
+            yield vm
+            status = vm.quit()
+    except Exception as exc:
+        raise RuntimeError(f"{what}{exc} [qemu log: {vm.log_tail(500)}]") from exc
+    finally:
+        qmp_socket.unlink(missing_ok=True)
+    if status != 0:
+        raise RuntimeError(f"{what}qemu exited with {status}: {vm.log_tail(500)}")
+
+
 class PausedVm:
     """Context manager around the qemu process and its QMP connection."""
 
@@ -88,12 +106,7 @@ class PausedVm:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._stop()
 
     def savevm(self, tag: str, timeout: float) -> float:
