@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,14 @@ class TinyScenario(Scenario):
 
     def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
         data = os.urandom(PAYLOAD)
+        began = time.monotonic()
         with open(target / "data", "wb", buffering=0) as f:
             for off in range(0, PAYLOAD, CHUNK):
                 f.write(data[off : off + CHUNK])
+        seconds = time.monotonic() - began
         (ctx.workdir / f"expect-{case.key}").write_bytes(data)
-        return ClientOutcome(0.5, PAYLOAD, files=["data"], notes=["tiny note"])
+        return ClientOutcome(seconds, PAYLOAD, files=["data"], notes=["tiny note"],
+                             started=began)
 
     def verify(self, case: Case, backing: Path) -> str | None:
         expect = (self.workdir / f"expect-{case.key}").read_bytes()

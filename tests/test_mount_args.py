@@ -18,7 +18,16 @@ from typing import Any
 import pytest
 
 from alignfs.cli import build_parser
-from alignfs.config import COUNT, FILE, SECONDS, SIZE, MountConfig, long_name, options
+from alignfs.config import (
+    COUNT,
+    FILE,
+    ON_OFF,
+    SECONDS,
+    SIZE,
+    MountConfig,
+    long_name,
+    options,
+)
 from alignfs.mount_args import (
     UsageError,
     config_args,
@@ -28,7 +37,8 @@ from alignfs.mount_args import (
 from alignfs.sizes import compact_size
 
 #: Values no default has, by kind, that validate() accepts, alone and all together.
-OTHER_VALUE = {SIZE: 16 << 20, COUNT: 3, SECONDS: 2.5, FILE: Path("/tmp/alignfs-test.file")}
+OTHER_VALUE = {SIZE: 16 << 20, COUNT: 3, SECONDS: 2.5, FILE: Path("/tmp/alignfs-test.file"),
+               ON_OFF: False}
 #: ... and where the kind's value would not do.
 OTHER_VALUE_OF = {"align": 4096, "max_dirty": 64 << 20}
 
