@@ -36,24 +36,6 @@ class FakeContext:
     umask: int = 0o022
 
 
-class HeldStatIO(BackingIO):
-    """Real threads; while ``hold`` is set, an fstat's result waits for ``release``."""
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.hold = False
-        self.release = trio.Event()
-        self.held = trio.Event()
-
-    async def meta(self, fn, *args):
-        result = await super().meta(fn, *args)
-        if fn is os.fstat and self.hold:
-            self.hold = False
-            self.held.set()
-            await self.release.wait()
-        return result
-
-
 async def test_getattr_never_returns_a_stat_overtaken_by_the_last_write_out(
         tmp_path: Path) -> None:
     """getattr stats the backing file; meanwhile the file's last write-out ends
@@ -61,33 +43,21 @@ async def test_getattr_never_returns_a_stat_overtaken_by_the_last_write_out(
     before the write-out must not be reported: it has the old size (or, taken
     during it, the O_DIRECT padding past EOF; the 20 s soak saw 5808128 for a
     5805030-byte file after reopen)."""
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
-    io = HeldStatIO(2)
     data = b"x" * 5000
-    async with WriteCache.running(io, Stats(), buffer_size=64 * 1024, max_dirty=1 << 20,
-                                  buffers_per_file=2, flush_delay=60.0, align=4096) as cache:
-        ops = Operations(root_fd, io, cache)
-        info, entry = await ops.create(pyfuse3.ROOT_INODE, b"img", 0o644,
-                                       os.O_RDWR | os.O_CREAT, FakeContext())
-        assert await ops.write(info.fh, 0, data) == len(data)
+    async with ops_with_buffered_file(tmp_path, data) as (ops, cache, io, fh, ino):
+        io.hold = "fstat"
         got: list[pyfuse3.EntryAttributes] = []
-        io.hold = True
         async with trio.open_nursery() as nursery:
 
             async def getattr_() -> None:
-                got.append(await ops.getattr(entry.st_ino, FakeContext()))
+                got.append(await ops.getattr(ino, FakeContext()))
 
             nursery.start_soon(getattr_)
             await io.held.wait()  # its fstat saw the file before the write-out
-            await ops.release(info.fh)  # the last handle: write-out starts
-            await cache.flush_all()
-            assert not cache.files  # written, cut back, dropped
+            await _end_last_write_out(ops, cache, fh)
             io.release.set()
         assert got[0].st_size == len(data)
-    assert (backing / "img").read_bytes() == data
-    os.close(root_fd)
+    assert (tmp_path / "backing" / "img").read_bytes() == data
 
 
 # -- a stat overtaken by a file's last write-out (issue 14.1) ---------------------------
@@ -120,24 +90,34 @@ class HeldCallIO(BackingIO):
 
 
 @asynccontextmanager
-async def ops_with_buffered_file(tmp_path: Path, data: bytes):
-    """Operations over BACKING with one file "img" holding *data* in a buffer only."""
+async def ops_over(tmp_path: Path, io: BackingIO):
+    """Operations and its WriteCache over a fresh BACKING in *tmp_path*."""
     backing = tmp_path / "backing"
     backing.mkdir()
     root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
-    io = HeldCallIO(2)
     try:
         async with WriteCache.running(io, Stats(), buffer_size=64 * 1024,
                                       max_dirty=1 << 20, buffers_per_file=2,
                                       flush_delay=60.0, align=4096) as cache:
-            ops = Operations(root_fd, io, cache)
-            info, entry = await ops.create(pyfuse3.ROOT_INODE, b"img", 0o644,
-                                           os.O_RDWR | os.O_CREAT, FakeContext())
-            assert await ops.write(info.fh, 0, data) == len(data)
-            assert os.stat(backing / "img").st_size == 0  # still buffered
-            yield ops, cache, io, info.fh, entry.st_ino
+            yield Operations(root_fd, io, cache), cache
     finally:
         os.close(root_fd)
+
+
+async def create_img(ops: Operations) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    return await ops.create(pyfuse3.ROOT_INODE, b"img", 0o644, os.O_RDWR | os.O_CREAT,
+                            FakeContext())
+
+
+@asynccontextmanager
+async def ops_with_buffered_file(tmp_path: Path, data: bytes):
+    """Operations over BACKING with one file "img" holding *data* in a buffer only."""
+    io = HeldCallIO(2)
+    async with ops_over(tmp_path, io) as (ops, cache):
+        info, entry = await create_img(ops)
+        assert await ops.write(info.fh, 0, data) == len(data)
+        assert os.stat(tmp_path / "backing" / "img").st_size == 0  # still buffered
+        yield ops, cache, io, info.fh, entry.st_ino
 
 
 async def _end_last_write_out(ops: Operations, cache: WriteCache, fh: int) -> None:
@@ -257,18 +237,11 @@ async def test_a_write_out_never_makes_backing_larger_than_the_file(tmp_path: Pa
 async def test_fsync_of_a_read_only_handle_reports_dropped_data(tmp_path: Path) -> None:
     """A write-out that fails for good (EFBIG) drops the data; an fsync through
     a read-only handle of the file must fail as a writer's would, once."""
-    backing = tmp_path / "backing"
-    backing.mkdir()
     faults = tmp_path / "faults.json"
-    root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
     io = BackingIO(2, fault_file=faults)
     try:
-        async with WriteCache.running(io, Stats(), buffer_size=64 * 1024,
-                                      max_dirty=1 << 20, buffers_per_file=2,
-                                      flush_delay=60.0, align=4096) as cache:
-            ops = Operations(root_fd, io, cache)
-            info, entry = await ops.create(pyfuse3.ROOT_INODE, b"img", 0o644,
-                                           os.O_RDWR | os.O_CREAT, FakeContext())
+        async with ops_over(tmp_path, io) as (ops, cache):
+            info, entry = await create_img(ops)
             reader = await ops.open(entry.st_ino, os.O_RDONLY, FakeContext())
             assert await ops.write(info.fh, 1 << 20, b"x" * 100) == 100
             set_faults(faults, {"write": "EFBIG"})
@@ -281,5 +254,4 @@ async def test_fsync_of_a_read_only_handle_reports_dropped_data(tmp_path: Path) 
             await ops.fsync(reader.fh, False)  # reported once
             await ops.release(reader.fh)
     finally:
-        os.close(root_fd)
         io.close()
