@@ -121,6 +121,18 @@ def test_timeline_choice_and_its_absence() -> None:
     assert data.timeline is None and "no counter samples" in data.no_timeline
 
 
+def test_speedup_against_the_limit_says_so() -> None:
+    """A direct page-cache run that escaped the throttle: alignfs is compared with the limit."""
+    row = RowResult("dd-4k", "dd bs=4K 512M conv=fsync", "time", "direct", "alignfs",
+                    direct_runs=[run("direct", 0.5, throttled_write_bytes=PAYLOAD // 8)],
+                    alignfs_runs=[run("alignfs", 4.0, throttled_write_bytes=PAYLOAD)],
+                    bandwidth_limit=150 * MiB)  # fmt: skip
+    (pair,) = figure.build_pairs([row])
+    assert pair.speedup_text == "0.85x vs limit"
+    row.direct_runs[0].throttled_write_bytes = PAYLOAD
+    assert figure.build_pairs([row])[0].speedup_text == "0.12x"
+
+
 def test_failed_side_is_labelled() -> None:
     rs = rows()
     rs[2].alignfs_runs[0].ok = False

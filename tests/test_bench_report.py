@@ -80,6 +80,8 @@ def test_escape_flag() -> None:
     unthrottled = make_run("direct", 1, 1.0, device_write_bytes=GiB, throttled_write_bytes=0,
                            throttled=False)  # fmt: skip
     assert not ok.escaped and escaped.escaped and not unthrottled.escaped
+    # Its whole (small) payload was throttled, but most of the device's bytes were not.
+    escaped.payload_bytes = GiB // 10
     row = RowResult("savevm", "ref", "time", "direct-writeback", None, direct_runs=[escaped])
     assert "direct: most bytes escaped the throttle" in row.flags
 
@@ -249,3 +251,94 @@ def test_read_runs_do_not_count_the_drain_and_escape_by_reads() -> None:
     assert not meta.escaped
     meta.throttled_read_bytes = 0
     assert meta.escaped
+
+
+def dd_row(direct_throttled: int, *, alignfs_throttled: int = 520 * MiB) -> RowResult:
+    """A page-cache row: 512 MiB by dd, the direct run 0.6 s, through alignfs 4.0 s."""
+    payload = 512 * MiB
+    direct = make_run("direct", 1, 0.5, drain=0.1, payload=payload,
+                      throttled_write_bytes=direct_throttled, device_write_bytes=payload)
+    alignfs = make_run("alignfs", 1, 3.5, drain=0.5, payload=payload,
+                       throttled_write_bytes=alignfs_throttled, device_write_bytes=payload,
+                       stats={"write_requests": 520, "backing_writes": 70},
+                       daemon_cpu_seconds=2.0)
+    return RowResult("dd-4k", "dd bs=4K 512M conv=fsync", "time", "direct", "alignfs",
+                     [direct], [alignfs], bandwidth_limit=150 * MiB)  # fmt: skip
+
+
+def test_throttle_short_runs() -> None:
+    full = make_run("direct", 1, 1.0, throttled_write_bytes=GiB + 4096)
+    assert full.throttled_share == pytest.approx(1.0, abs=1e-5) and not full.throttle_short
+    short = make_run("direct", 1, 1.0, throttled_write_bytes=GiB // 4)
+    assert short.throttled_share == 0.25 and short.throttle_short
+    assert short.to_json()["throttle_short"] is True
+    assert not make_run("direct", 1, 1.0, throttled_write_bytes=0, throttled=False).throttle_short
+    unknown = make_run("direct", 1, 1.0)  # a result file without the counters
+    assert unknown.throttled_share is None and not unknown.throttle_short
+    reads = make_run("alignfs", 1, 1.0, direction="read", throttled_write_bytes=0)
+    assert reads.throttled_share is None and not reads.throttle_short
+
+
+def test_short_direct_row_is_compared_with_the_limit() -> None:
+    row = dd_row(32 * MiB)
+    assert row.direct_short and row.speedup_basis == "limit"
+    assert row.limit_bound == pytest.approx(512 / 150)
+    assert row.speedup_vs_direct == pytest.approx(0.6 / 4.0)
+    assert row.speedup == pytest.approx(512 / 150 / 4.0)
+    assert row.speedup == pytest.approx(row.alignfs_percent_of_limit / 100)
+    note = (
+        "direct: 1/1 runs had as little as 6% of the payload throttled (kernel writeback "
+        "escaped the throttle); speedup vs the limit (3.41 s at 150 MiB/s)"
+    )
+    assert note in row.flags
+    assert "direct: most bytes escaped the throttle" not in row.flags
+    cells = report.row_cells(row)
+    assert cells[1:7] == ["0.60 s", "4.00 s", "0.85x vs limit", "134 (85%)", "520 -> 70", "4.00"]
+    assert note in cells[7]
+    data = json.loads(report.render_json([row], {}))["rows"][0]
+    assert data["speedup_basis"] == "limit" and data["speedup"] == pytest.approx(row.speedup)
+    assert data["speedup_vs_direct"] == pytest.approx(0.15)
+    assert data["limit_bound"] == pytest.approx(512 / 150)
+    assert data["direct_throttled_share"] == pytest.approx(1 / 16)
+    assert data["direct_runs"][0]["throttle_short"] is True
+    loaded = results.row_from_json(data)
+    assert loaded.speedup_basis == "limit"
+    assert report.render_table([loaded]) == report.render_table([row])
+
+
+def test_fully_throttled_direct_row_is_compared_with_direct() -> None:
+    row = dd_row(512 * MiB + 8192)
+    assert not row.direct_short and row.speedup_basis == "direct"
+    assert row.speedup == row.speedup_vs_direct == pytest.approx(0.15)
+    assert report.row_cells(row)[3] == "0.15x"
+    assert not any("throttled" in f for f in row.flags)
+
+
+def test_short_alignfs_run_is_flagged_but_keeps_the_direct_basis() -> None:
+    row = dd_row(512 * MiB, alignfs_throttled=100 * MiB)
+    assert row.speedup_basis == "direct"
+    assert row.flags == [
+        "alignfs: 1/1 runs had as little as 20% of the payload throttled (kernel writeback "
+        "escaped the throttle)"
+    ]
+
+
+def test_short_rows_without_limit_or_alignfs_side_keep_the_direct_basis() -> None:
+    row = dd_row(32 * MiB)
+    row.bandwidth_limit = None
+    assert row.speedup_basis == "direct" and row.limit_bound is None
+    assert "speedup vs the limit" not in "; ".join(row.flags)
+    reference = dd_row(32 * MiB)
+    reference.alignfs_case, reference.alignfs_runs = None, []
+    assert reference.speedup_basis == "direct" and reference.speedup is None
+    assert reference.flags[0].startswith("direct: 1/1 runs had as little as 6%")
+
+
+def test_short_rate_row_is_compared_with_the_limit() -> None:
+    direct = make_run("direct", 1, 10.0, payload=800 * MiB, throttled_write_bytes=80 * MiB)
+    alignfs = make_run("alignfs", 1, 10.0, payload=1200 * MiB, throttled_write_bytes=1200 * MiB)
+    row = RowResult("x", "rate row", "rate", "direct", "alignfs", [direct], [alignfs],
+                    bandwidth_limit=150 * MiB)  # fmt: skip
+    assert row.speedup_basis == "limit" and row.limit_bound == 150 * MiB
+    assert row.speedup == pytest.approx(0.8)
+    assert "speedup vs the limit (150 MiB/s)" in row.flags[0]

@@ -7,7 +7,8 @@ number, label and line in them, so it can be tested without drawing
 * *pairs*: per table row, direct vs. alignfs as payload MB/s until the data is
   durable (for time scenarios that is payload / seconds; the bar's text says
   the seconds), the HDD model's bandwidth limit as a line, the speedup
-  written on each pair;
+  written on each pair (``vs limit`` where the direct runs escaped the
+  throttle: see :attr:`~alignfs.bench.results.RowResult.speedup_basis`);
 * *timeline*: for one alignfs run of a write scenario (savevm by default),
   bytes the client has written vs. bytes that reached BACKING over time,
   from the daemon's counters sampled during the run.
@@ -45,7 +46,7 @@ class Pair:
     #: what is written at the end of each bar (the measured value)
     direct_text: str
     alignfs_text: str
-    #: ``"18x"``; empty when one side is missing
+    #: ``"18x"`` (``"0.87x vs limit"``); empty when one side is missing
     speedup_text: str
     #: the HDD model's bandwidth limit for this row in MB/s (None: unthrottled)
     limit_mbps: float | None
@@ -102,6 +103,13 @@ def _side_text(row: RowResult, side: str, value: float | None, rate: float | Non
     return fmt_metric("rate", value)
 
 
+def _speedup_text(row: RowResult) -> str:
+    if not (row.direct_case and row.alignfs_case):
+        return ""
+    text = fmt_speedup(row.speedup)
+    return f"{text} vs limit" if text and row.speedup_basis == "limit" else text
+
+
 def build_pairs(rows: Sequence[RowResult]) -> list[Pair]:
     pairs = []
     for row in rows:
@@ -120,9 +128,7 @@ def build_pairs(rows: Sequence[RowResult]) -> list[Pair]:
                     _side_text(row, "alignfs", row.alignfs_median, alignfs_rate)
                     if row.alignfs_case else ""
                 ),
-                speedup_text=(
-                    fmt_speedup(row.speedup) if row.direct_case and row.alignfs_case else ""
-                ),
+                speedup_text=_speedup_text(row),
                 limit_mbps=None if not row.bandwidth_limit else row.bandwidth_limit / MB,
             )
         )

@@ -6,7 +6,10 @@ Table columns:
     median of the repeats: seconds until durable (time scenarios) or MB/s
     (rate scenarios, 1 MB = 10^6 bytes);
 ``speedup``
-    how many times better alignfs is (> 1: alignfs wins);
+    how many times better alignfs is (> 1: alignfs wins); ``vs limit`` when
+    the direct runs were short of throttled bytes (page-cache writeback past
+    the cgroup v1 throttle): then alignfs is compared with the payload at the
+    bandwidth limit, and the notes say how much was throttled;
 ``alignfs MB/s (% limit)``
     alignfs payload throughput, and its share of the model's bandwidth limit
     in the scenario's direction (none without a throttle);
@@ -57,6 +60,14 @@ def fmt_speedup(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def fmt_row_speedup(row: RowResult) -> str:
+    """The speedup cell: ``21.00x``, or ``0.87x vs limit`` against the bandwidth limit."""
+    text = fmt_speedup(row.speedup)
+    if row.speedup is not None and row.speedup_basis == "limit":
+        text += " vs limit"
+    return text
+
+
 def fmt_percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}%"
 
@@ -95,7 +106,7 @@ def row_cells(row: RowResult) -> list[str]:
         row.label,
         side(row.direct_case, "direct", row.direct_median),
         side(row.alignfs_case, "alignfs", row.alignfs_median),
-        fmt_speedup(row.speedup) if row.direct_case and row.alignfs_case else "",
+        fmt_row_speedup(row) if row.direct_case and row.alignfs_case else "",
         fmt_alignfs_rate(row) if row.alignfs_case else "",
         writes,
         "-" if cpu is None or not row.alignfs_case else f"{cpu:.2f}",

@@ -78,7 +78,9 @@ def describe_run(r: RunResult, metric: str) -> str:
             parts.append(f"(drain {r.drain_seconds:.2f} s{uncounted})")
     if r.rate is not None:
         parts.append(f"{r.rate / 1e6:.1f} MB/s")
-    if r.escaped:
+    if r.throttle_short:
+        parts.append(f"[{r.throttled_share:.0%} throttled]")
+    elif r.escaped:
         parts.append("[escaped throttle]")
     return " ".join(parts)
 
