@@ -7,7 +7,8 @@ alternate direct / alignfs), and for each one:
    scenario create its input files there (without the throttle if the
    scenario asks for it: read scenarios prefill large files);
 2. syncs and drops the page cache, sets the throttle for the scenario;
-3. for an alignfs case, mounts a fresh alignfs over the run directory;
+3. for an alignfs case, mounts a fresh alignfs over the run directory (with
+   the case's own extra mount options, if any);
 4. runs the client (timed by the scenario); on the alignfs side the daemon's
    counters are sampled ~10 times a second until the umount returns (the
    run's ``timeline``, drawn by ``--plot``);
@@ -20,6 +21,7 @@ alternate direct / alignfs), and for each one:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -228,7 +230,13 @@ class Runner:
         self, scenario: Scenario, case: Case, result: RunResult, backing: Path, mountpoint: Path
     ) -> None:
         logs = self.ctx.workdir / "logs"
-        with AlignfsMount(self.alignfs, mountpoint, backing, logs) as mnt:
+        cmd = self.alignfs
+        if case.mount_options:
+            cmd = dataclasses.replace(
+                cmd, mount_options=[*cmd.mount_options, *case.mount_options]
+            )
+            result.extra["case_mount_options"] = list(case.mount_options)
+        with AlignfsMount(cmd, mountpoint, backing, logs) as mnt:
             cpu0 = mnt.daemon_cpu()
             sampler = CounterSampler(mnt.control_stats, interval=self.sample_interval)
             sampler.start()

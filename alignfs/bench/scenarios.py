@@ -13,6 +13,9 @@ case).  For each case the runner calls, in order:
 ``verify(case, backing)``
     check, after unmount, that the files in the backing directory are intact.
 
+An alignfs case may carry its own ``mount_options`` (e.g. ``--xattr off``),
+appended to the harness's for that case's mount only.
+
 Scenarios whose client program is missing are skipped, not failed: see
 :meth:`Scenario.missing_tools`.
 """
@@ -46,6 +49,9 @@ class Case:
     side: str
     label: str
     params: tuple[tuple[str, Any], ...] = ()
+    #: extra ``alignfs mount`` arguments for this (alignfs) case, after the
+    #: harness's own ``--mount-options``, so they win
+    mount_options: tuple[str, ...] = ()
 
     def param(self, name: str, default: Any = None) -> Any:
         return dict(self.params).get(name, default)
