@@ -99,6 +99,7 @@ def test_every_row_refers_to_existing_cases() -> None:
     names = [s.name for s in built]
     assert names == [
         "savevm", "qemu-img-bench", "fio-4k", "fio-512", "fio-1m", "fast-savevm", "fast-fio-1m",
+        "dd-4k", "dd-64k", "cp", "qemu-img-convert", "dd-4k-xattr-off",
         "loadvm", "qemu-img-read", "fio-read-4k", "fio-randread-4k",
     ]  # fmt: skip
     for sc in built:

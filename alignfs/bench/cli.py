@@ -38,6 +38,7 @@ from .report import render_json, render_table
 from .results import CPU_PRESSURE_WARNING, ResultFileError, RowResult, load_result
 from .runner import Progress, Runner
 from .scenarios import (
+    BUFFERED_SCENARIOS,
     READ_SCENARIOS,
     SCENARIO_NAMES,
     WRITE_SCENARIOS,
@@ -49,7 +50,12 @@ from .scenarios import (
 from .sysutil import GiB, MiB, run, which
 
 #: Without --scenarios only the write scenarios run; the read scenarios
-#: (loadvm, qemu-img-read, fio-read-4k, fio-randread-4k) are chosen by name.
+#: (loadvm, qemu-img-read, fio-read-4k, fio-randread-4k) and the buffered
+#: producers (dd-4k, dd-64k, cp, qemu-img-convert, dd-4k-xattr-off) are chosen
+#: by name: the direct side of a buffered producer measures the page cache,
+#: whose write-out depends on the machine's memory and dirty limits (and may
+#: escape the cgroup v1 throttle), so they are no headline, and cp /
+#: qemu-img-convert need a source file as large as savevm's RAM on tmpfs.
 DEFAULT_SCENARIOS = WRITE_SCENARIOS
 
 #: Values --demo sets unless the option is given explicitly.
@@ -129,7 +135,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         "--scenarios", type=_scenario_list, default=None, metavar="NAME,...",
         help=f"comma-separated subset of {','.join(SCENARIO_NAMES)} (default: the write "
         f"scenarios {','.join(WRITE_SCENARIOS)}; the read scenarios "
-        f"{','.join(READ_SCENARIOS)} run only when named)")
+        f"{','.join(READ_SCENARIOS)} and the buffered (page-cache) producers "
+        f"{','.join(BUFFERED_SCENARIOS)} run only when named)")
     p.add_argument("--repeat", type=positive_int, default=None, metavar="N",
                    help=f"runs per case; the median is reported (default {DEFAULTS['repeat']})")
     p.add_argument(
@@ -184,8 +191,11 @@ def _size_options(g: argparse._ArgumentGroup) -> None:
     size("--fio-size", 256 * MiB, "file size for fio-4k / fio-512")
     size("--fio-1m-size", GiB, "bytes written by fio-1m")
     size("--fio-read-size", GiB, "size of the prefilled file fio-read-4k / fio-randread-4k read")
+    size("--dd-size", 512 * MiB, "bytes dd-4k / dd-64k / dd-4k-xattr-off write")
+    size("--copy-size", GiB, "size of the random file cp / qemu-img-convert copy")
     g.add_argument("--ram-dir", type=Path, default=Path("/dev/shm"), metavar="DIR",
-                   help="tmpfs directory for the VM's RAM file (default /dev/shm)")
+                   help="tmpfs directory for the VM's RAM file and the cp / qemu-img-convert "
+                   "source (default /dev/shm)")
     g.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="seconds before a single client run is abandoned (default 3600)")
 
@@ -242,7 +252,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.plot = args.json_file.with_suffix(".png")
     if args.model_size is None:
         need = 2 * max(
-            args.ram, args.bench_size, args.fio_1m_size, args.fio_size, args.fio_read_size
+            args.ram, args.bench_size, args.fio_1m_size, args.fio_size, args.fio_read_size,
+            args.dd_size, args.copy_size,
         )
         args.model_size = max(4 * GiB, need + GiB)
     return args
@@ -260,6 +271,8 @@ def scenario_options(args: argparse.Namespace) -> ScenarioOptions:
         fio_small_size=args.fio_size,
         fio_1m_size=args.fio_1m_size,
         fio_read_size=args.fio_read_size,
+        dd_size=args.dd_size,
+        copy_size=args.copy_size,
     )
 
 
@@ -495,6 +508,8 @@ def _meta(
             "fio_size": args.fio_size,
             "fio_1m_size": args.fio_1m_size,
             "fio_read_size": args.fio_read_size,
+            "dd_size": args.dd_size,
+            "copy_size": args.copy_size,
         },
         "alignfs_command": cmd.prefix,
         "mount_options": cmd.mount_options,

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 from ..sizes import compact_size
 from .qmp import QmpError
 from .results import ALIGNFS, DIRECT
-from .sysutil import GiB, MiB, fill_random, fill_zeros, run, which
+from .sysutil import GiB, KiB, MiB, fill_random, fill_zeros, run, which
 from .vm import QEMU, PausedVm, make_random_file, paused_vm, qemu_argv
 
 log = logging.getLogger(__name__)
@@ -721,6 +722,248 @@ class FioReadScenario(FioScenario):
 
 
 # --------------------------------------------------------------------------
+# buffered producers (page cache)
+
+
+#: Commands whose output is parsed run with this locale.
+C_LOCALE = {**os.environ, "LC_ALL": "C"}
+
+
+class PageCacheScenario(Scenario):
+    """A buffered client writes one file through the page cache, then makes it durable.
+
+    Timed from the client's start until its own fsync returned (``conv=fsync``
+    or ``sync FILE``); the runner then adds its fsync and, on the alignfs
+    side, the umount.  Directly, the page cache may hand the data to the disk
+    by kernel writeback, which cgroup v1 does not throttle: such runs are
+    flagged, and their row compares alignfs with the bandwidth limit (see
+    :attr:`~alignfs.bench.results.RowResult.speedup_basis`).
+    """
+
+    metric = "time"
+    #: the file the client writes, in the run directory
+    target_name = "out.bin"
+
+    def __init__(self, *, name: str, payload: int, throttled: bool = True,
+                 mount_options: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.payload = payload
+        self.throttled = throttled
+        self.mount_options = mount_options
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def row_label(self) -> str:
+        if not self.mount_options:
+            return self.label
+        return f"{self.label} (alignfs {' '.join(self.mount_options)})"
+
+    def cases(self) -> list[Case]:
+        alignfs = " ".join((ALIGNFS, *self.mount_options))
+        return [
+            Case(DIRECT, DIRECT, DIRECT),
+            Case(ALIGNFS, ALIGNFS, alignfs, mount_options=self.mount_options),
+        ]
+
+    def rows(self) -> list[RowDef]:
+        return [RowDef(self.row_label(), DIRECT, ALIGNFS)]
+
+    def commands(self, target: Path) -> list[list[str]]:
+        """The timed commands, run one after the other, writing *target*."""
+        raise NotImplementedError
+
+    def check_output(self, outputs: list[str]) -> dict[str, Any]:
+        """What the commands' output says (raises if it shows a problem): run extras."""
+        return {}
+
+    def run(self, case: Case, target: Path, ctx: BenchContext) -> ClientOutcome:
+        steps: dict[str, float] = {}
+        outputs = []
+        started = time.monotonic()
+        for argv in self.commands(target / self.target_name):
+            t0 = time.monotonic()
+            outputs.append(run(argv, timeout=ctx.timeout, env=C_LOCALE).stdout)
+            steps[f"{argv[0]}_seconds"] = time.monotonic() - t0
+        seconds = time.monotonic() - started
+        extra: dict[str, Any] = dict(steps)
+        extra.update(self.check_output(outputs))
+        return ClientOutcome(
+            seconds, self.payload, files=[self.target_name], extra=extra, started=started
+        )
+
+    def verify_size(self, backing: Path) -> str | None:
+        size = (backing / self.target_name).stat().st_size
+        if size != self.payload:
+            return f"{self.target_name} has {size} bytes, not {self.payload}"
+        return None
+
+
+#: The summary line of GNU dd (C locale): bytes and seconds.
+DD_SUMMARY = re.compile(r"^(\d+) bytes\b.*\bcopied, ([\d.]+(?:e[-+]?\d+)?) s", re.MULTILINE)
+
+
+def parse_dd_output(text: str) -> tuple[int, float]:
+    """Bytes copied and seconds from dd's last summary line."""
+    found = DD_SUMMARY.findall(text)
+    if not found:
+        raise ValueError(f"no summary line in dd output: {text.strip()[-300:]!r}")
+    nbytes, seconds = found[-1]
+    return int(nbytes), float(seconds)
+
+
+class DdScenario(PageCacheScenario):
+    """``dd if=/dev/zero of=FILE bs=BS count=N conv=fsync``: small buffered writes."""
+
+    tools = ("dd",)
+
+    def __init__(self, *, name: str, bs: int, total: int, throttled: bool = True,
+                 mount_options: tuple[str, ...] = ()) -> None:
+        self.bs = bs
+        self.count = -(-total // bs)  # at least *total* bytes
+        super().__init__(name=name, payload=self.count * bs, throttled=throttled,
+                         mount_options=mount_options)
+        self.description = f"dd if=/dev/zero bs={bs} count={self.count} conv=fsync"
+
+    @property
+    def label(self) -> str:
+        return f"dd bs={compact_size(self.bs)} {compact_size(self.payload)} conv=fsync"
+
+    def commands(self, target: Path) -> list[list[str]]:
+        return [["dd", "if=/dev/zero", f"of={target}", f"bs={self.bs}", f"count={self.count}",
+                 "conv=fsync"]]
+
+    def check_output(self, outputs: list[str]) -> dict[str, Any]:
+        nbytes, seconds = parse_dd_output(outputs[0])
+        if nbytes != self.payload:
+            raise RuntimeError(f"dd copied {nbytes} bytes, not {self.payload}")
+        return {"reported_seconds": seconds}
+
+    def verify(self, case: Case, backing: Path) -> str | None:
+        problem = self.verify_size(backing)
+        if problem:
+            return problem
+        offset = sampled_difference(backing / self.target_name, None, self.payload)
+        return None if offset is None else f"not zero at offset {offset}"
+
+
+class SourceFileScenario(PageCacheScenario):
+    """Copies a random file prepared outside the model (``--ram-dir``, tmpfs).
+
+    The source is created once per scenario, like savevm's RAM file, so
+    reading it costs neither disk time nor throttle.
+    """
+
+    def __init__(self, *, name: str, size: int, throttled: bool = True,
+                 mount_options: tuple[str, ...] = ()) -> None:
+        super().__init__(name=name, payload=size, throttled=throttled,
+                         mount_options=mount_options)
+        self.source: Path | None = None
+
+    def setup(self, ctx: BenchContext) -> None:
+        ctx.ram_dir.mkdir(parents=True, exist_ok=True)
+        self.source = ctx.ram_dir / f"{self.name}-source-{self.payload}.raw"
+        log.info("creating %s of random data in %s", compact_size(self.payload), self.source)
+        make_random_file(self.source, self.payload)
+
+    def teardown(self, ctx: BenchContext) -> None:
+        if self.source is not None:
+            self.source.unlink(missing_ok=True)
+
+
+class CpScenario(SourceFileScenario):
+    """``cp SOURCE FILE`` then ``sync FILE`` (fsync of the copy)."""
+
+    tools = ("cp", "sync")
+
+    def __init__(self, *, name: str = "cp", size: int = GiB, throttled: bool = True,
+                 mount_options: tuple[str, ...] = ()) -> None:
+        super().__init__(name=name, size=size, throttled=throttled, mount_options=mount_options)
+        self.description = f"cp of a {compact_size(size)} random file, then sync FILE"
+
+    @property
+    def label(self) -> str:
+        return f"cp {compact_size(self.payload)} random + sync FILE"
+
+    def commands(self, target: Path) -> list[list[str]]:
+        assert self.source is not None
+        return [["cp", str(self.source), str(target)], ["sync", str(target)]]
+
+    def verify(self, case: Case, backing: Path) -> str | None:
+        assert self.source is not None
+        problem = self.verify_size(backing)
+        if problem:
+            return problem
+        offset = sampled_difference(backing / self.target_name, self.source, self.payload)
+        return None if offset is None else f"differs from the source at offset {offset}"
+
+
+class QemuImgConvertScenario(SourceFileScenario):
+    """``qemu-img convert -f raw -O qcow2 SOURCE FILE`` (default cache mode) then ``sync FILE``."""
+
+    tools = ("qemu-img", "sync")
+    target_name = "out.qcow2"
+
+    def __init__(self, *, name: str = "qemu-img-convert", size: int = GiB,
+                 throttled: bool = True, mount_options: tuple[str, ...] = ()) -> None:
+        super().__init__(name=name, size=size, throttled=throttled, mount_options=mount_options)
+        self.description = (
+            f"qemu-img convert -f raw -O qcow2 of a {compact_size(size)} random image, "
+            "then sync FILE"
+        )
+
+    @property
+    def label(self) -> str:
+        return f"qemu-img convert raw->qcow2 {compact_size(self.payload)} + sync FILE"
+
+    def commands(self, target: Path) -> list[list[str]]:
+        assert self.source is not None
+        return [
+            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.source), str(target)],
+            ["sync", str(target)],
+        ]
+
+    def verify(self, case: Case, backing: Path) -> str | None:
+        image = str(backing / self.target_name)
+        check = run(["qemu-img", "check", "-f", "qcow2", image], check=False, timeout=600)
+        if check.returncode != 0:
+            return f"qemu-img check failed ({check.returncode}): {check.stdout.strip()[-400:]}"
+        info = run(["qemu-img", "info", "-f", "qcow2", "--output=json", image], timeout=60)
+        size = json.loads(info.stdout).get("virtual-size")
+        if size != self.payload:
+            return f"virtual size {size}, not {self.payload}"
+        return None
+
+
+def sample_offsets(size: int, samples: int = 16, chunk: int = MiB) -> list[int]:
+    """Offsets of up to *samples* chunks spread over *size* bytes: the first at 0,
+    the last ending at the end."""
+    if size <= chunk:
+        return [0]
+    last = size - chunk
+    return sorted({last * i // (samples - 1) for i in range(samples)})
+
+
+def sampled_difference(path: Path, reference: Path | None, size: int,
+                       samples: int = 16, chunk: int = MiB) -> int | None:
+    """Offset of the first of the sampled chunks in which *path* differs from
+    *reference* (None: zeros), or None if they all match.
+
+    A sample, not the whole file: verifying runs with the throttle on, and
+    reading all of a 1 GiB file back would cost more than writing it.
+    """
+    with open(path, "rb") as f, (open(reference, "rb") if reference else nullcontext()) as r:
+        for offset in sample_offsets(size, samples, chunk):
+            n = min(chunk, size - offset)
+            got = os.pread(f.fileno(), n, offset)
+            want = os.pread(r.fileno(), n, offset) if r is not None else bytes(n)
+            if got != want:
+                return offset
+    return None
+
+
+# --------------------------------------------------------------------------
 # registry
 
 
@@ -738,6 +981,12 @@ class ScenarioOptions:
     fio_small_size: int = 256 * MiB
     fio_1m_size: int = GiB
     fio_read_size: int = GiB
+    dd_size: int = 512 * MiB
+    copy_size: int = GiB
+
+
+#: The groups of scenario names: only the write scenarios run by default.
+WRITE, READ, BUFFERED = "write", "read", "buffered"
 
 
 @dataclass(frozen=True)
@@ -745,8 +994,9 @@ class Registered:
     """What a scenario name builds, from its name and the options."""
 
     build: Callable[[str, ScenarioOptions], list[Scenario]]
-    #: a read scenario runs only when named
-    reads: bool = False
+    #: :data:`WRITE` scenarios run by default; :data:`READ` and :data:`BUFFERED`
+    #: (page-cache producers) ones only when named
+    group: str = WRITE
 
 
 #: Every scenario name, in the order they run: the one list that --scenarios
@@ -767,20 +1017,37 @@ SCENARIOS: dict[str, Registered] = {
         SavevmScenario(name="fast-savevm", ram=o.ram, disk_size=o.disk_size, throttled=False,
                        caches=("none",)),
         FioScenario(name="fast-fio-1m", bs=MiB, size=o.fio_1m_size, throttled=False)]),
+    # Buffered producers through the page cache (and the FUSE writeback cache).
+    "dd-4k": Registered(lambda name, o: [
+        DdScenario(name=name, bs=4096, total=o.dd_size)], group=BUFFERED),
+    "dd-64k": Registered(lambda name, o: [
+        DdScenario(name=name, bs=64 * KiB, total=o.dd_size)], group=BUFFERED),
+    "cp": Registered(lambda name, o: [CpScenario(name=name, size=o.copy_size)], group=BUFFERED),
+    "qemu-img-convert": Registered(lambda name, o: [
+        QemuImgConvertScenario(name=name, size=o.copy_size)], group=BUFFERED),
+    "dd-4k-xattr-off": Registered(lambda name, o: [DdScenario(
+        name=name, bs=4096, total=o.dd_size, mount_options=("--xattr", "off"))], group=BUFFERED),
     "loadvm": Registered(lambda name, o: [
-        LoadvmScenario(ram=o.ram, disk_size=o.disk_size, caches=o.savevm_caches)], reads=True),
+        LoadvmScenario(ram=o.ram, disk_size=o.disk_size, caches=o.savevm_caches)], group=READ),
     "qemu-img-read": Registered(lambda name, o: [
-        QemuImgReadScenario(total=o.bench_total, depth=o.bench_depth)], reads=True),
+        QemuImgReadScenario(total=o.bench_total, depth=o.bench_depth)], group=READ),
     "fio-read-4k": Registered(lambda name, o: [FioReadScenario(
         name=name, rw="read", bs=4096, size=o.fio_read_size, runtime=o.fio_runtime)],
-        reads=True),
+        group=READ),
     "fio-randread-4k": Registered(lambda name, o: [FioReadScenario(
         name=name, rw="randread", bs=4096, size=o.fio_read_size, runtime=o.fio_runtime)],
-        reads=True),
+        group=READ),
 }
 SCENARIO_NAMES = tuple(SCENARIOS)
-WRITE_SCENARIOS = tuple(name for name, entry in SCENARIOS.items() if not entry.reads)
-READ_SCENARIOS = tuple(name for name, entry in SCENARIOS.items() if entry.reads)
+
+
+def _group(group: str) -> tuple[str, ...]:
+    return tuple(name for name, entry in SCENARIOS.items() if entry.group == group)
+
+
+WRITE_SCENARIOS = _group(WRITE)
+READ_SCENARIOS = _group(READ)
+BUFFERED_SCENARIOS = _group(BUFFERED)
 
 
 def build_scenarios(names: list[str], opts: ScenarioOptions) -> list[Scenario]:
