@@ -210,6 +210,12 @@ class CachedFile:
             added = buf.ranges.add(rel, rel + n)
             buf.filled += added
             cache.stats.add_dirty(added)
+            if buf.filled == bsize and self.direct_handles == 0 and cache.kernel_times:
+                # Pages from the kernel's writeback: it already gathered and
+                # delayed them, so a full window waits for nothing more. Written
+                # now, an fsync (dd conv=fsync, cp; sync FILE) finds only the
+                # last window left to write.
+                cache.seal(buf, "full")
             pos += n
             if pos > self.size:
                 self.size = pos

@@ -306,7 +306,21 @@ run_vm() {  # DIR: a QEMU VM with DIR/vm2.qcow2 as its disk (cache=none): the gu
             -drive "file=$1/vm2.qcow2,if=none,id=d0,cache=none,format=qcow2" \
             -device virtio-blk-pci,drive=d0 -monitor stdio >/dev/null
 }
-write_held() {  # FILE: write held_mb MiB (unaligned steps) and keep the file open
+write_held() {  # FILE [direct]: write held_mb MiB (unaligned steps) and keep the file open
+    if [ "${2:-}" = direct ]; then
+        # O_DIRECT, as QEMU cache=none: the writes reach alignfs at once and stay
+        # in its buffers (a page-cache writer's would wait in the kernel's cache).
+        exec python3 -c 'import os, sys, time
+path, src, step, mb = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+data = open(src, "rb").read(step * 255)
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+for _ in range(mb // 32):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+open(path + ".written", "w").close()
+time.sleep(3600)' "$1" "$WORK/src.bin" "$STEP" "$held_mb"
+    fi
     exec 3>"$1"
     local i
     for ((i = 0; i < held_mb / 32; i++)); do
@@ -441,7 +455,7 @@ check "clients write through the mount (qemu-img, qemu-io -t none, dd bs=$STEP a
     nsm bash -c "$(declare -f write_clients); WORK=$WORK STEP=$STEP; write_clients $WORK/fast"
 check "a QEMU VM runs with its disk on the mount (cache=none): guest writes, savevm" \
     nsm bash -c "$(declare -f run_vm); run_vm $WORK/fast"
-nsenter -t "$PID1" -m -- bash -c "$(declare -f write_held); WORK=$WORK STEP=$STEP held_mb=$held_mb; write_held $WORK/fast/held.bin" &
+nsenter -t "$PID1" -m -- bash -c "$(declare -f write_held); WORK=$WORK STEP=$STEP held_mb=$held_mb; write_held $WORK/fast/held.bin direct" &
 HOLDER=$!
 for ((i = 0; i < 600; i++)); do [ -e "$WORK/backing/held.bin.written" ] && break; alive "$HOLDER" || break; sleep 0.1; done
 check "a writer wrote ${held_mb} MiB and keeps the file open" test -e "$WORK/backing/held.bin.written"
@@ -579,7 +593,7 @@ ns systemctl reset-failed alignfs@lossy.service >/dev/null 2>&1 || true
 say "--- systemctl poweroff with alignfs@demo running and a file held open"
 rm -f "$WORK/backing/held.bin"
 ns systemctl start alignfs@demo.service
-nsenter -t "$PID1" -m -- bash -c "$(declare -f write_held); WORK=$WORK STEP=$STEP held_mb=$held_mb; write_held $WORK/fast/held.bin" &
+nsenter -t "$PID1" -m -- bash -c "$(declare -f write_held); WORK=$WORK STEP=$STEP held_mb=$held_mb; write_held $WORK/fast/held.bin direct" &
 HOLDER=$!
 for ((i = 0; i < 600; i++)); do [ -e "$WORK/backing/held.bin.written" ] && break; alive "$HOLDER" || break; sleep 0.1; done
 rm -f "$WORK/backing/held.bin.written"

@@ -236,9 +236,11 @@ def test_mount_helper_rejects_unknown_option(tmp_path: Path) -> None:
 
 def test_stats_flush_umount_live(mount_alignfs) -> None:
     m = mount_alignfs("--flush-delay", "600")
-    with open(m.mountpoint / "f", "wb") as f:
+    # O_DIRECT: the bytes reach alignfs at once (a page-cache write would wait
+    # in the kernel's writeback cache first).
+    with open(os.open(m.mountpoint / "f", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644),
+              "wb", buffering=0) as f:
         f.write(b"a" * 1_000_000)
-        f.flush()
         assert m.stats()["dirty_bytes"] == 1_000_000
         res = run_alignfs("flush", str(m.mountpoint))
         assert res.returncode == 0, res.stderr

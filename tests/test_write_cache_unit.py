@@ -1251,3 +1251,25 @@ async def test_known_holes_are_read_as_zeros_without_backing_reads(backing: Path
             cache.detach(cf)
     finally:
         os.close(rfd_)
+
+
+async def test_full_window_of_kernel_writeback_is_written_at_once(backing: Path) -> None:
+    """With the FUSE writeback cache (kernel_times), a file with no O_DIRECT
+    handle is written by the kernel's writeback: a full window is sealed and
+    written at once. A file with an O_DIRECT handle (QEMU cache=none, whose
+    qcow2 rewrites clusters just after filling them) keeps full windows open."""
+    stats = Stats()
+    async with running_cache(BackingIO(2), stats) as cache:
+        cache.kernel_times = True
+        cf = await attach(cache, backing)
+        await cf.write(0, b"a" * B)
+        assert stats.flushes["full"] == 1 and not cf.filling
+        await cf.write_back("fsync")
+        assert read_direct(backing) == b"a" * B
+        cf.direct_handles = 1
+        await cf.write(B, b"b" * B)
+        assert stats.flushes["full"] == 1 and list(cf.filling) == [B]
+        cf.direct_handles = 0
+        await cf.fsync(False)
+        cache.detach(cf)
+    assert read_direct(backing) == b"a" * B + b"b" * B
