@@ -105,12 +105,17 @@ class DirHandle:
     names: list[bytes] | None = None
 
 
-def _name(raw: bytes) -> str:
-    return os.fsdecode(raw)
-
-
 @fuse_boundary
 class Operations(pyfuse3.Operations):
+    """The FUSE handlers of one mount: metadata straight to BACKING, file data
+    through the write cache and read-ahead.
+
+    Every backing call runs on a worker thread (:class:`BackingIO`); inodes
+    are backing files keyed by (st_dev, st_ino) (:class:`InodeTable`); sizes
+    and mtimes come from the write cache while it holds a file, and from
+    stats the stat fence vouches for otherwise.
+    """
+
     supports_dot_lookup = True
     #: The kernel's writeback cache (see ``__init__``); read by pyfuse3 at mount.
     enable_writeback_cache = True

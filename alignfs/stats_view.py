@@ -50,7 +50,7 @@ def render_stats(stats: dict[str, Any]) -> str:
             lines.append(f"  {label:32s} {fmt(stats[key])}")
     flushes = stats.get("flushes", {})
     lines.append("  buffer flushes by cause          " +
-                 ", ".join(f"{k} {v}" for k, v in flushes.items() if v) or "none")
+                 (", ".join(f"{k} {v}" for k, v in flushes.items() if v) or "none"))
     return "\n".join(lines)
 
 

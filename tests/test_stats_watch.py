@@ -96,3 +96,11 @@ def test_watch_usage_errors(mount_alignfs) -> None:
         res = run_alignfs(*args)
         assert res.returncode == 2, (args, res.stdout, res.stderr)
         assert "--count" in res.stderr
+
+
+def test_stats_table_says_none_when_no_buffer_was_flushed() -> None:
+    from alignfs.stats import Stats
+    from alignfs.stats_view import render_stats
+
+    table = render_stats(Stats().as_dict())
+    assert table.splitlines()[-1].split() == ["buffer", "flushes", "by", "cause", "none"]
