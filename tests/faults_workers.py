@@ -158,15 +158,17 @@ def in_threads(fn: Callable[[int], None], n: int, errors: list[str]) -> None:
         fail("; ".join(errors))
 
 
-def many(directory: str, nfiles: int, size: int, chunk: int) -> None:
-    """*nfiles* threads, each writing its own new file sequentially in *chunk* pieces."""
+def many(directory: str, nfiles: int, size: int, chunk: int, direct: int = 0) -> None:
+    """*nfiles* threads, each writing its own new file sequentially in *chunk* pieces
+    (with O_DIRECT if *direct*: QEMU cache=none's way, every write straight to
+    alignfs, unaligned; FUSE's direct_io takes any alignment)."""
     errors: list[str] = []
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
 
     def write_one(i: int) -> None:
         try:
             data = file_content(i, size)
-            fd = os.open(os.path.join(directory, f"f{i:03d}"),
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(os.path.join(directory, f"f{i:03d}"), flags, 0o644)
             try:
                 for off in range(0, size, chunk):
                     view = memoryview(data)[off:off + chunk]
@@ -229,7 +231,7 @@ MODES = {"stripe": (stripe, (str, int, int, int, int, int)),
          "scribble": (scribble, (str, str, int, int, int)),
          "reader": (reader, (str, str, int, int, int, int)),
          "truncater": (truncater, (str, int, int, int)),
-         "many": (many, (str, int, int, int)),
+         "many": (many, (str, int, int, int, int)),
          "readmany": (readmany, (str, int, int, int)),
          "fill": (fill, (str, int, int, int))}
 
