@@ -663,7 +663,14 @@ def test_umount_with_persistent_write_fault(mount_alignfs: Callable[..., Mount],
     set_faults(faults, {"write": "EIO", "match": "stuck"})
     stuck = blocks(b"K", 0, 700)[:-7]
     fine = blocks(b"F", 0, 300)[:-3]
-    (m.mountpoint / "stuck.img").write_bytes(stuck)
+    # O_DIRECT, as QEMU cache=none: the bytes stay in alignfs's buffers until
+    # the umount writes them (a page-cache writer's full windows are written
+    # at once, and its close would already report the EIO).
+    fd = os.open(m.mountpoint / "stuck.img", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        assert os.write(fd, stuck) == len(stuck)  # FUSE direct_io: any alignment
+    finally:
+        os.close(fd)
     (m.mountpoint / "fine").write_bytes(fine)
 
     res = m.umount()
