@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .backing_io import BackingIO
+from .buffer_pool import anonymous_buffer
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ class ReadAhead:
             if len(mem) == length:
                 del self._spare[i]
                 return mem
-        return mmap.mmap(-1, length)
+        return anonymous_buffer(length)
 
     def _room(self) -> int:
         """Bytes a new fetch may take without pushing out data nobody has read yet.

@@ -109,10 +109,16 @@ class Stats:
             self.peak_dirty_bytes = self.dirty_bytes
 
     def as_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        # Not dataclasses.asdict: its deep copy cost the daemon 2% of its
+        # CPU while the bench sampled the stats ten times a second.
+        out = {name: getattr(self, name) for name in _FIELD_NAMES}
+        out["flushes"] = dict(self.flushes)
         out["mean_backing_write_size"] = (
             self.backing_write_bytes // self.backing_writes if self.backing_writes else 0)
         return out
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Stats))
 
 
 def describe() -> Iterator[Counter]:

@@ -1253,6 +1253,89 @@ async def test_known_holes_are_read_as_zeros_without_backing_reads(backing: Path
         os.close(rfd_)
 
 
+@pytest.mark.parametrize("seed", range(3))
+async def test_reads_known_in_memory_need_no_backing_read(backing: Path, seed: int) -> None:
+    """Random writes into a sparse file, then random reads within one window:
+    each answer matches the model, and a read whose every byte is buffered, in
+    a known hole or past the end of BACKING reaches no backing read (the
+    in-memory answer, CachedFile._read_known)."""
+    rng = random.Random(300 + seed)
+    size = 6 * B
+    model = bytearray(size)
+    with open(backing, "r+b") as f:
+        for _ in range(5):  # a few data extents, block aligned; holes between
+            off = rng.randrange(0, size // ALIGN) * ALIGN
+            data = rng.randbytes(rng.randrange(1, 4) * ALIGN)[:size - off]
+            f.seek(off)
+            f.write(data)
+            model[off:off + len(data)] = data
+        f.truncate(size - 3 * B)  # BACKING ends before the model does
+    del model[size - 3 * B:]
+    rfd = os.open(backing, os.O_RDONLY)
+    backing_reads: list[tuple[int, int]] = []
+
+    async def read_backing(off: int, n: int) -> bytes:
+        backing_reads.append((off, n))
+        return os.pread(rfd, n, off)
+
+    stats = Stats()
+    try:
+        # Room for every window: nothing is written out, so written bytes stay buffered.
+        async with running_cache(BackingIO(2), stats, max_dirty=16 * B,
+                                 buffers_per_file=8) as cache:
+            cf = await attach(cache, backing)
+            known = bytearray(size)  # 1 where a read needs no BACKING
+            for s, e in cf.holes:
+                known[s:e] = b"\1" * (e - s)
+            known[size - 3 * B:] = b"\1" * (3 * B)
+            model.extend(bytes(size - len(model)))
+            for step in range(300):
+                if rng.random() < 0.4:
+                    off = rng.randrange(0, size - 1)
+                    data = rng.randbytes(min(rng.choice([8, 100, 4096, 5000, 20000]),
+                                             size - off))
+                    await cf.write(off, data)
+                    model[off:off + len(data)] = data
+                    known[off:off + len(data)] = b"\1" * len(data)
+                    continue
+                window = rng.randrange(0, size // B) * B
+                off = window + rng.randrange(0, B)
+                n = rng.randrange(1, window + B - off + 1)
+                end = min(off + n, cf.size)
+                before = len(backing_reads)
+                assert await cf.read(off, n, read_backing) == bytes(model[off:end]), \
+                    (seed, step)
+                if all(known[off:end]):
+                    assert len(backing_reads) == before, (seed, step, off, n)
+            assert stats.hole_reads > 0 and stats.reads_from_buffers > 0
+            assert stats.backing_writes == 0
+            cache.detach(cf)
+    finally:
+        os.close(rfd)
+
+
+async def test_read_in_memory_is_not_taken_past_a_write_out_in_flight(backing: Path) -> None:
+    """Bytes of a buffer in write-out are neither in BACKING nor in the filling
+    buffer yet: a read must overlay them, not take the rest for zeros past
+    BACKING's end."""
+    io = GatedIO(4)
+    try:
+        async with running_cache(io) as cache:
+            cf = await attach(cache, backing)  # empty: every byte is past BACKING's end
+            await cf.write(10, b"x" * 100)
+            cf.start_write_back("fsync")
+            await trio.testing.wait_all_tasks_blocked()
+            assert cf.queue
+            await cf.write(50, b"y" * 10)
+            assert await cf.read(40, 30, None) == b"x" * 10 + b"y" * 10 + b"x" * 10
+            assert await cf.read(0, 20, None) == bytes(10) + b"x" * 10
+            io.gate.set()
+            await cf.fsync(False)
+            cache.detach(cf)
+    finally:
+        io.gate.set()
+
+
 async def test_full_window_of_kernel_writeback_is_written_at_once(backing: Path) -> None:
     """With the FUSE writeback cache (kernel_times), a file with no O_DIRECT
     handle is written by the kernel's writeback: a full window is sealed and
