@@ -281,6 +281,7 @@ class FakeMount:
         self.mountpoint = mountpoint
         self.backing = backing
         self.last_daemon_cpu = 1.0
+        self.last_serving_cpu = 0.75
         self.umount_seconds = 0.01
         self.umount_error = None
 
@@ -293,8 +294,8 @@ class FakeMount:
         self.mountpoint.unlink()
         self.mountpoint.mkdir()
 
-    def daemon_cpu(self) -> float:
-        return 0.5
+    def daemon_cpu(self) -> tuple[float, float]:
+        return 0.5, 0.25
 
     def control_stats(self) -> dict[str, Any]:
         return {"write_requests": 2, "backing_writes": 1}

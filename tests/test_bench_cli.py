@@ -257,6 +257,16 @@ def test_header_warns_on_cpu_contention_not_on_io_waits() -> None:
     assert "waited for a CPU during up to 60% of a run" in cli._header(meta)
 
 
+def test_header_shows_the_models_own_write_cost() -> None:
+    meta = {"model": {"kind": "zram1", "prefilled": True, "write_cpu_per_gib": 0.6},
+            "repeat": 1, "kernel": "k"}
+    assert "model disk filled before mkfs; writing to it costs the writer 0.60 CPU s/GiB" \
+        in cli._header(meta)
+    meta["model"]["prefilled"] = False
+    assert "NOT pre-filled" in cli._header(meta)
+    assert "writing to it" not in cli._header({"model": {"kind": "dir /x"}})
+
+
 def test_cpu_pressure_total_reads_psi() -> None:
     from alignfs.bench.sysutil import cpu_pressure_total
 

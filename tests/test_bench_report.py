@@ -34,7 +34,7 @@ def savevm_row() -> RowResult:
         direct_runs=[make_run("direct", i, s) for i, s in enumerate([210.0, 200.0, 230.0], 1)],
         alignfs_runs=[
             make_run("alignfs", i, s, drain=1.0, stats=dict(stats, backing_writes=b),
-                     daemon_cpu_seconds=2.0)
+                     daemon_cpu_seconds=2.0, serving_cpu_seconds=1.25 + i / 4)
             for i, (s, b) in enumerate([(9.0, 250), (7.0, 260), (11.0, 270)], 1)
         ],
         bandwidth_limit=150 * MiB,
@@ -62,6 +62,7 @@ def test_row_medians_use_total_time_including_drain() -> None:
     assert row.alignfs_percent_of_limit == pytest.approx(100 * (GiB / 10.0) / (150 * MiB))
     assert row.write_requests == 40000 and row.backing_writes == 260
     assert row.daemon_cpu_per_gib == pytest.approx(2.0)
+    assert row.serving_cpu_per_gib == pytest.approx(1.75)
 
 
 def test_failed_runs_are_excluded_and_reported() -> None:
@@ -104,7 +105,7 @@ def test_table_rendering() -> None:
     assert lines[0].split()[:4] == ["scenario", "direct", "alignfs", "speedup"]
     assert set(lines[1]) == {"-"}
     assert "savevm 1G cache=none" in lines[2]
-    for cell in ("210.0 s", "10.0 s", "21.00x", "107 (68%)", "40,000 -> 260", "2.00"):
+    for cell in ("210.0 s", "10.0 s", "21.00x", "107 (68%)", "40,000 -> 260", "2.00 (1.75)"):
         assert cell in lines[2], cell
     assert "3.50 s" in lines[3]
     assert "x" not in lines[3].split("3.50 s")[1]  # no speedup for a reference line

@@ -163,6 +163,9 @@ def _model_options(g: argparse._ArgumentGroup) -> None:
                    help="use this existing directory (on a real disk) instead of zram")
     g.add_argument("--model-size", type=size_arg, default=None, metavar="SIZE",
                    help="zram disk size (default: enough for the chosen sizes)")
+    g.add_argument("--no-prefill", action="store_true",
+                   help="do not fill the zram disk before mkfs (then a first write to a "
+                   "block costs the writer several times the CPU of a rewrite)")
 
 
 def _size_options(g: argparse._ArgumentGroup) -> None:
@@ -461,6 +464,7 @@ def _run_all(args: argparse.Namespace, runnable: list[Scenario], cmd: AlignfsCom
             size=args.model_size,
             directory=args.dir,
             workdir=workdir,
+            prefill=not args.no_prefill,
         ) as model:
             ctx = BenchContext(
                 workdir=workdir,
@@ -532,6 +536,13 @@ def _header(meta: dict[str, Any]) -> str:
         f"alignfs bench -- model: {model.get('kind', '?')}{size}, {limit}; "
         f"repeat {meta.get('repeat', '?')}, median shown; kernel {meta.get('kernel', '?')}"
     )
+    cost = model.get("write_cpu_per_gib")
+    if cost is not None:
+        filled = "filled before mkfs" if model.get("prefilled") else "NOT pre-filled"
+        text += (
+            f"\nmodel disk {filled}; writing to it costs the writer {cost:.2f} CPU s/GiB "
+            "(zram compression), included in CPU s/GiB"
+        )
     pressure = meta.get("max_cpu_pressure")
     if pressure is not None and pressure > CPU_PRESSURE_WARNING:
         text += (

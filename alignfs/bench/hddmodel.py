@@ -10,6 +10,17 @@ qemu-img, qemu and the alignfs daemon -- is throttled too.
 zram is used rather than the machine's disk because it never splits a bio:
 one 4 MiB O_DIRECT write is one I/O for the throttle, as on a SATA disk.
 
+zram's own CPU cost is charged to whoever writes (it compresses in the
+writer's thread), and the first write to a block never written before costs
+several times a rewrite (zram allocates then; measured here about 2.9 CPU s
+per GiB first, 0.6 s rewritten).  A disk has no such cost, and which one a
+benchmark pays depends on where ext4 happens to place a file, so daemon-CPU
+figures swung by 2 s/GiB between identical runs.  The device is therefore
+filled once with incompressible data before mkfs (``prefill``; memory equal
+to its size, which a benchmark would use anyway), and the steady cost of a
+rewrite is measured and reported as :attr:`HddModel.write_cpu_per_gib`: that
+much of any writer's CPU per GiB is the model's, not the writer's.
+
 Caveat (cgroup v1): buffered writeback done by kernel threads is not charged
 to the group and escapes the throttle.  :meth:`HddModel.io_counters` reads both
 the group's ``blkio.throttle.io_service_bytes`` and the device's own
@@ -23,8 +34,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,13 +45,18 @@ from pathlib import Path
 
 from ..mounts import is_mountpoint
 from .cleanup import CleanupStack, StackOwner
-from .sysutil import MiB, block_queue_attr, run, whole_disk_of, write_text
+from .sysutil import GiB, MiB, block_queue_attr, run, whole_disk_of, write_text
 
 log = logging.getLogger(__name__)
 
 ZRAM_CONTROL = Path("/sys/class/zram-control")
 BLKIO_ROOT = Path("/sys/fs/cgroup/blkio")
 THROTTLE_FILES = ("read_iops", "write_iops", "read_bps", "write_bps")
+
+#: Size of each O_DIRECT write of the pre-fill and of the write-cost probe.
+FILL_CHUNK = 4 * MiB
+#: Bytes rewritten to measure the model's steady write cost.
+PROBE_BYTES = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -83,8 +101,13 @@ class HddModel(StackOwner):
         directory: Path | None = None,
         workdir: Path | None = None,
         enter_cgroup: bool = True,
+        prefill: bool = True,
     ) -> None:
         self.throttle = throttle
+        self.prefill = prefill
+        #: CPU seconds a writer spends inside the model (zram) per GiB
+        #: rewritten; None until measured (zram only).
+        self.write_cpu_per_gib: float | None = None
         self.size = size
         self.directory = Path(directory) if directory else None
         self.workdir = Path(workdir) if workdir else None
@@ -128,6 +151,8 @@ class HddModel(StackOwner):
             "size": self.size if self.zram_id is not None else None,
             "throttle": self.throttle.values() if self.throttle else None,
             "logical_block_size": self.logical_block_size,
+            "prefilled": self.prefill if self.zram_id is not None else None,
+            "write_cpu_per_gib": self.write_cpu_per_gib,
         }
 
     # -- set-up ------------------------------------------------------------
@@ -173,6 +198,13 @@ class HddModel(StackOwner):
         self.major, self.minor = (int(x) for x in (sysdir / "dev").read_text().split(":"))
         dev = f"/dev/zram{zram_id}"
         _wait_for(lambda: os.path.exists(dev), 5.0, f"{dev} to appear")
+        if self.prefill:
+            started = time.monotonic()
+            fill_device(dev, self.size)
+            log.info("filled %s (%d MiB) in %.1f s", dev, self.size // MiB,
+                     time.monotonic() - started)
+        self.write_cpu_per_gib = rewrite_cpu_per_gib(dev, min(PROBE_BYTES, self.size // 4))
+        log.info("model write cost: %.2f CPU s/GiB", self.write_cpu_per_gib)
         run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", dev], timeout=120)
         assert self.workdir is not None
         self.mountpoint = self.workdir / "model"
@@ -299,6 +331,62 @@ def current_blkio_cgroup() -> Path:
         if "blkio" in controllers.split(","):
             return BLKIO_ROOT / path.lstrip("/")
     return BLKIO_ROOT
+
+
+def _direct_writes(dev: str, start: int, end: int) -> float:
+    """O_DIRECT-write incompressible data over ``[start, end)`` of *dev*;
+    the calling thread's CPU seconds spent in the writes."""
+    buf = mmap.mmap(-1, FILL_CHUNK)  # page-aligned, as O_DIRECT requires
+    try:
+        buf.write(os.urandom(FILL_CHUNK))
+        view = memoryview(buf)
+        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+        try:
+            started = time.thread_time()
+            pos = start
+            while pos < end:
+                n = os.pwrite(fd, view[: min(FILL_CHUNK, end - pos)], pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"short write to {dev} at {pos}")
+                pos += n
+            return time.thread_time() - started
+        finally:
+            os.close(fd)
+            view.release()
+    finally:
+        buf.close()
+
+
+def fill_device(dev: str, size: int) -> None:
+    """Write every block of *dev* once, on one thread per CPU (zram compresses
+    in the writer's thread, so this is CPU-bound)."""
+    workers = max(1, min(os.cpu_count() or 1, 4))
+    share = -(-size // workers // FILL_CHUNK) * FILL_CHUNK
+    errors: list[BaseException] = []
+
+    def worker(start: int) -> None:
+        try:
+            _direct_writes(dev, start, min(size, start + share))
+        except BaseException as exc:  # re-raised below, on the caller's thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=worker, args=(start,), name=f"fill-{i}")
+        for i, start in enumerate(range(0, size, share))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def rewrite_cpu_per_gib(dev: str, nbytes: int) -> float:
+    """CPU seconds per GiB a writer spends rewriting *nbytes* at the start of
+    *dev* with O_DIRECT (the first pass makes sure they are all written)."""
+    _direct_writes(dev, 0, nbytes)
+    return _direct_writes(dev, 0, nbytes) / (nbytes / GiB)
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

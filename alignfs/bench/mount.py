@@ -26,7 +26,7 @@ from typing import Any
 from ..mounts import is_mountpoint
 from ..processes import command_lines, pid_alive, source_env
 from .cleanup import CleanupStack, StackOwner
-from .sysutil import process_cpu_seconds, run, which
+from .sysutil import process_cpu_seconds, run, thread_cpu_seconds, which
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ class AlignfsMount(StackOwner):
         self.umount_seconds: float | None = None
         self.umount_error: str | None = None
         self.last_daemon_cpu: float | None = None
+        #: CPU of the daemon's main thread alone: the trio thread that serves
+        #: FUSE requests (the rest is backing I/O on worker threads).
+        self.last_serving_cpu: float | None = None
         self._stack = CleanupStack("alignfs-mount")
 
     def _setup(self) -> None:
@@ -140,14 +143,19 @@ class AlignfsMount(StackOwner):
 
     def _sample_cpu(self) -> None:
         if self.pid is not None:
+            serving = thread_cpu_seconds(self.pid, self.pid)
             cpu = process_cpu_seconds(self.pid)
-            if cpu is not None:
+            if cpu is not None and serving is not None:
                 self.last_daemon_cpu = cpu
+                self.last_serving_cpu = serving
 
-    def daemon_cpu(self) -> float | None:
-        """The daemon's CPU seconds so far (or at its last sighting)."""
+    def daemon_cpu(self) -> tuple[float, float] | None:
+        """The daemon's CPU seconds so far (or at its last sighting): the
+        whole process, and its serving thread."""
         self._sample_cpu()
-        return self.last_daemon_cpu
+        if self.last_daemon_cpu is None or self.last_serving_cpu is None:
+            return None
+        return self.last_daemon_cpu, self.last_serving_cpu
 
     def log_tail(self, n: int = 1500) -> str:
         try:

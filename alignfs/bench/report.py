@@ -18,7 +18,11 @@ Table columns:
     scenarios ``read_requests`` -> ``backing_reads``, marked ``r`` (the header
     then says ``writes/reads``);
 ``CPU s/GiB``
-    alignfs daemon CPU seconds per GiB of payload.
+    alignfs daemon CPU seconds per GiB of payload, and in brackets the part
+    spent on the thread that serves FUSE requests (the rest is backing I/O on
+    worker threads). On the zram model the worker threads' part includes the
+    model's own write cost (the header shows it), which a disk would not
+    charge to the daemon.
 """
 
 from __future__ import annotations
@@ -83,6 +87,12 @@ def fmt_alignfs_rate(row: RowResult) -> str:
     return text if pct is None else f"{text} ({fmt_percent(pct)})"
 
 
+def fmt_cpu(total: float | None, serving: float | None) -> str:
+    if total is None:
+        return "-"
+    return f"{total:.2f}" if serving is None else f"{total:.2f} ({serving:.2f})"
+
+
 def row_cells(row: RowResult) -> list[str]:
     if row.alignfs_case is None:
         writes = ""
@@ -109,7 +119,7 @@ def row_cells(row: RowResult) -> list[str]:
         fmt_row_speedup(row) if row.direct_case and row.alignfs_case else "",
         fmt_alignfs_rate(row) if row.alignfs_case else "",
         writes,
-        "-" if cpu is None or not row.alignfs_case else f"{cpu:.2f}",
+        fmt_cpu(cpu, row.serving_cpu_per_gib) if row.alignfs_case else "-",
         "; ".join(notes),
     ]
 

@@ -67,6 +67,9 @@ class RunResult:
     throttled: bool = False
     stats: dict[str, Any] | None = None
     daemon_cpu_seconds: float | None = None
+    #: the part of ``daemon_cpu_seconds`` spent on the thread serving FUSE
+    #: requests; the rest is backing I/O on worker threads.
+    serving_cpu_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     #: ``"write"`` or ``"read"``.  A read run has no data to make durable: its
@@ -322,6 +325,16 @@ class RowResult:
         return self._median(self.alignfs_runs, get)
 
     @property
+    def serving_cpu_per_gib(self) -> float | None:
+        """CPU s/GiB of the daemon's request-serving thread alone."""
+        def get(r: RunResult) -> float | None:
+            if r.serving_cpu_seconds is None or not r.payload_bytes:
+                return None
+            return r.serving_cpu_seconds / (r.payload_bytes / (1 << 30))
+
+        return self._median(self.alignfs_runs, get)
+
+    @property
     def errors(self) -> list[str]:
         out = []
         for r in self.direct_runs + self.alignfs_runs:
@@ -402,6 +415,7 @@ class RowResult:
             "target_speedup": self.target_speedup,
             "targets": self.target_results(),
             "daemon_cpu_seconds_per_gib": self.daemon_cpu_per_gib,
+            "serving_cpu_seconds_per_gib": self.serving_cpu_per_gib,
             "notes": self.notes,
             "skipped_sides": self.skipped_sides,
             "flags": self.flags,

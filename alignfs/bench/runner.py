@@ -258,9 +258,11 @@ class Runner:
                 origin=start,
                 events={"client_done": start + outcome.seconds, "durable": durable},
             )
-            cpu1 = mnt.last_daemon_cpu  # last sample before the daemon exited
-            if cpu0 is not None and cpu1 is not None:
-                result.daemon_cpu_seconds = cpu1 - cpu0
+            # the last sample before the daemon exited
+            if cpu0 is not None and mnt.last_daemon_cpu is not None:
+                result.daemon_cpu_seconds = mnt.last_daemon_cpu - cpu0[0]
+            if cpu0 is not None and mnt.last_serving_cpu is not None:
+                result.serving_cpu_seconds = mnt.last_serving_cpu - cpu0[1]
             result.drain_seconds = fsync_seconds + (mnt.umount_seconds or 0.0)
             result.extra["umount_seconds"] = mnt.umount_seconds
             if not ok:

@@ -99,8 +99,17 @@ def drop_caches() -> None:
 
 def process_cpu_seconds(pid: int) -> float | None:
     """utime + stime of process *pid* in seconds, or None if it is gone."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float | None:
+    """utime + stime of thread *tid* of process *pid*, or None if it is gone."""
+    return _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
+
+
+def _stat_cpu_seconds(path: str) -> float | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(path).read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
