@@ -19,8 +19,8 @@ from pathlib import Path
 from . import __version__, launch, stats_view
 from .argtypes import positive_float
 from .config import ConfigError
-from .control import XATTR_FLUSH, XATTR_UMOUNT
 from .control_client import control_error, is_alignfs, live_mount, query_stats, request
+from .control_protocol import XATTR_FLUSH, XATTR_UMOUNT
 from .exitcodes import ExitCode, describe
 from .mount_args import UsageError, add_mount_arguments, config_from_args, translate_mount_helper
 from .mounts import is_stale

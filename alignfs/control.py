@@ -15,7 +15,8 @@ runs that command (the write returns when it is done). The client side tries
 the xattr first and falls back to the file.
 
 This module is the daemon's side; the commands' side is
-:mod:`alignfs.control_client`.
+:mod:`alignfs.control_client`; the names both use are in
+:mod:`alignfs.control_protocol`.
 """
 
 from __future__ import annotations
@@ -30,19 +31,19 @@ from typing import Any
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from .control_protocol import (
+    CONTROL_NAME,
+    FILE_FLUSH,
+    FILE_UMOUNT,
+    XATTR_FLUSH,
+    XATTR_STATS,
+    XATTR_UMOUNT,
+)
 from .inodes import SYNTHETIC_BASE
 
 log = logging.getLogger(__name__)
 
-CONTROL_NAME = b".alignfs-control"
 CONTROL_INO = SYNTHETIC_BASE
-XATTR_STATS = b"user.alignfs.stats"
-XATTR_FLUSH = b"user.alignfs.flush"
-XATTR_UMOUNT = b"user.alignfs.umount"
-#: The same commands written to the file (when xattrs are off).
-FILE_FLUSH = b"flush"
-FILE_UMOUNT = b"umount"
-FILE_COMMANDS = {XATTR_FLUSH: FILE_FLUSH, XATTR_UMOUNT: FILE_UMOUNT}
 
 
 class ControlFile:

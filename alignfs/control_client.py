@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .control import CONTROL_NAME, FILE_COMMANDS, XATTR_STATS
+from .control_protocol import CONTROL_NAME, FILE_COMMANDS, XATTR_STATS
 from .exitcodes import ExitCode
 from .mounts import fuse_mount_type, is_stale
 

@@ -293,14 +293,38 @@ def take_status(path: Path | str | None) -> int | None:
     return code
 
 
+def _wait_pidfd(pid: int, deadline: float | None) -> bool:
+    """Wait until *pid* ends or *deadline* passes, woken by the exit itself
+    (a pidfd), not by polling; False if pidfds are not available."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except (OSError, AttributeError):
+        return False
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if poller.poll(None if wait is None else int(wait * 1000) + 1) or (
+                    deadline is not None and time.monotonic() > deadline):
+                return True
+    finally:
+        os.close(pidfd)
+
+
 def wait_for_exit(pid: int, status: str | None, timeout: float | None) -> int:
     """Wait for the daemon *pid* to end; its exit code from *status* (``alignfs umount``)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while pid_alive(pid):
-        if deadline is not None and time.monotonic() > deadline:
-            print(f"alignfs: daemon {pid} still running after {timeout}s", file=sys.stderr)
-            return ExitCode.TIMEOUT
-        time.sleep(0.02)
+    if not _wait_pidfd(pid, deadline):
+        while pid_alive(pid):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    if pid_alive(pid):
+        print(f"alignfs: daemon {pid} still running after {timeout}s", file=sys.stderr)
+        return ExitCode.TIMEOUT
     code = take_status(status)
     if code is None:
         # Never success by default: the daemon may have exited 6.
