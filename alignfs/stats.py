@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-FLUSH_CAUSES = ("full", "early", "moved_on", "age", "idle", "pressure", "fsync", "close",
-                "unmount", "truncate")
+FLUSH_CAUSES = ("full", "moved_on", "age", "idle", "pressure", "fsync", "close", "unmount",
+                "truncate")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -578,8 +578,6 @@ class WriteCache:
                 cf.filling[window] = buf
                 self.filling[buf] = None
                 self.stats.buffers_in_use = self.pool.in_use
-                if not cf.flushing and not cf.queue:
-                    self._seal_early(cf, window)
                 break
             if self.filling and not self._memory_coming_back():
                 # Only filling buffers hold memory: give one up (a passed one first).
@@ -618,21 +616,6 @@ class WriteCache:
             self.seal(done, "full" if done.filled == self.buffer_size else "moved_on")
         else:
             self.seal(min(cf.filling.values(), key=lambda b: b.window), "moved_on")
-
-    def _seal_early(self, cf: CachedFile, window: int) -> None:
-        """The file's write-out is idle and its writer opened *window*: a full
-        buffer two windows or more behind it is written now rather than when
-        the file runs out of buffers, so that the disk does not wait for
-        ``buffers_per_file`` windows at the start of a stream (with 8M
-        buffers, 32M: ~0.2 s of a 1 GiB savevm on a 150 MiB/s disk). Two
-        windows behind, not one: qcow2 rewrites the clusters it just allocated
-        (see ``_seal_one_of``), right behind its frontier. While the disk
-        keeps up (its write-out busy) this never fires."""
-        behind = window - 2 * self.buffer_size
-        full = [b for b in cf.filling.values()
-                if b.window <= behind and b.filled == self.buffer_size]
-        if full:
-            self.seal(min(full, key=lambda b: b.window), "early")
 
     def _passed(self, buf: Buffer) -> bool:
         """The writers are done with this buffer's window: it is covered from its

@@ -480,9 +480,8 @@ async def test_fsync_makes_backing_hold_the_data(backing: Path) -> None:
         await cf.fsync(False)
         assert read_direct(backing) == bytes(777) + data
         assert stats.backing_fsyncs == 1
-        # windows 1, 2 full (written at once, early -- window 1 once the
-        # writer opened window 3 -- or at the fsync), 0 and 3 partial
-        assert stats.flushes["fsync"] + stats.flushes["full"] + stats.flushes["early"] == 4
+        # windows 1, 2 full (written at once or at the fsync), 0 and 3 partial
+        assert stats.flushes["fsync"] + stats.flushes["full"] == 4
         assert stats.flushes["fsync"] >= 2
         assert stats.backing_writes == 4
         assert stats.dirty_bytes == 0 and stats.buffers_in_use == 0
@@ -551,32 +550,6 @@ async def test_moved_on_seals_least_recently_written_window(backing: Path) -> No
     expect = bytearray(2 * B + 1)
     expect[0], expect[B], expect[2 * B] = ord("a"), ord("b"), ord("c")
     assert read_direct(backing) == bytes(expect)
-
-
-async def test_idle_write_out_takes_a_full_window_two_behind_the_writer(
-        backing: Path) -> None:
-    """At the start of a stream the disk need not wait for buffers_per_file
-    windows: with the file's write-out idle, a full window two behind the one
-    the writer opens is written at once ("early"). While a write-out runs
-    (the disk is the bottleneck) nothing is sealed early, and a window right
-    behind the writer never is (qcow2 rewrites what it just allocated)."""
-    io = GatedIO(2)
-    stats = Stats()
-    data = random.Random(8).randbytes(4 * B)
-    async with running_cache(io, stats, buffers_per_file=4) as cache:
-        cf = await attach(cache, backing)
-        await cf.write(0, data[:2 * B])  # windows 0 and 1 full, idle write-out
-        assert stats.flushes["early"] == 0 and not cf.queue  # one behind: kept
-        await cf.write(2 * B, data[2 * B:2 * B + 1])
-        assert stats.flushes["early"] == 1
-        assert [b.window for b in cf.queue] == [0] and cf.flushing
-        await cf.write(2 * B + 1, data[2 * B + 1:])  # opens window 3; 1 is two behind
-        assert stats.flushes["early"] == 1  # but window 0's write-out is in flight
-        assert sorted(cf.filling) == [B, 2 * B, 3 * B]
-        io.gate.set()
-        await cf.fsync(False)
-        cache.detach(cf)
-    assert read_direct(backing) == data
 
 
 # -- backpressure --------------------------------------------------------------------------
