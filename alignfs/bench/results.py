@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -315,24 +316,24 @@ class RowResult:
                 out.append(f"target {goal}: {verdict} ({sp:.3f}x)")
         return out
 
-    @property
-    def daemon_cpu_per_gib(self) -> float | None:
+    def _cpu_per_gib(self, seconds: Callable[[RunResult], float | None]) -> float | None:
+        """Median over the alignfs runs of *seconds* of CPU per GiB of payload."""
         def get(r: RunResult) -> float | None:
-            if r.daemon_cpu_seconds is None or not r.payload_bytes:
+            cpu = seconds(r)
+            if cpu is None or not r.payload_bytes:
                 return None
-            return r.daemon_cpu_seconds / (r.payload_bytes / (1 << 30))
+            return cpu / (r.payload_bytes / (1 << 30))
 
         return self._median(self.alignfs_runs, get)
+
+    @property
+    def daemon_cpu_per_gib(self) -> float | None:
+        return self._cpu_per_gib(lambda r: r.daemon_cpu_seconds)
 
     @property
     def serving_cpu_per_gib(self) -> float | None:
         """CPU s/GiB of the daemon's request-serving thread alone."""
-        def get(r: RunResult) -> float | None:
-            if r.serving_cpu_seconds is None or not r.payload_bytes:
-                return None
-            return r.serving_cpu_seconds / (r.payload_bytes / (1 << 30))
-
-        return self._median(self.alignfs_runs, get)
+        return self._cpu_per_gib(lambda r: r.serving_cpu_seconds)
 
     @property
     def errors(self) -> list[str]:
