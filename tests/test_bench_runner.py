@@ -115,9 +115,10 @@ def test_runner_alignfs_side(tmp_path: Path) -> None:
     assert 1 <= run.stats["write_requests"] <= PAYLOAD // CHUNK + 1
     assert (run.throttled_write_bytes or 0) >= PAYLOAD
     assert run.daemon_cpu_seconds is not None and run.daemon_cpu_seconds > 0
-    # The serving thread's share is a part of the whole process' CPU.
+    # The serving thread's share is a part of the whole process' CPU (the
+    # kernel rounds a thread's and a process' times separately: 2 ticks' slack).
     assert run.serving_cpu_seconds is not None
-    assert 0 < run.serving_cpu_seconds <= run.daemon_cpu_seconds
+    assert 0 < run.serving_cpu_seconds <= run.daemon_cpu_seconds + 2 / os.sysconf("SC_CLK_TCK")
     assert run.extra["umount_seconds"] > 0
     # The daemon's counters were sampled during the run, the last after the fsync.
     tl = run.timeline
