@@ -11,7 +11,6 @@ its own exit code (see :mod:`alignfs.exitcodes`).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -33,21 +32,10 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(ExitCode.USAGE)
 
 
-def version() -> str:
-    """The installed distribution's version if that is the code running, else
-    ``alignfs.__version__`` (a source tree on PYTHONPATH, or no metadata)."""
-    try:
-        dist = importlib.metadata.distribution("alignfs")
-    except importlib.metadata.PackageNotFoundError:
-        return __version__
-    installed = Path(str(dist.locate_file("alignfs/__init__.py")))
-    if installed.resolve() != Path(__file__).resolve().with_name("__init__.py"):
-        return __version__
-    return dist.version
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ver = version()
+    # pyproject.toml takes the package's version from __version__, so the
+    # running code's own attribute is what an installed copy would report.
+    ver = __version__
     parser = _Parser(
         prog="alignfs",
         description="FUSE passthrough filesystem that collects small, unaligned writes into "

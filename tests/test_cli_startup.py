@@ -23,11 +23,20 @@ def test_command_side_imports_no_daemon_modules() -> None:
     code = (
         "import sys, alignfs.cli, alignfs.control_client, alignfs.stats_view; "
         "print(sorted(m for m in ('trio', 'pyfuse3', 'alignfs.write_cache', "
-        "'alignfs.operations') if m in sys.modules))"
+        "'alignfs.operations', 'importlib.metadata') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True, env={"PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_version_is_the_packages() -> None:
+    import alignfs
+
+    out = subprocess.run([sys.executable, "-m", "alignfs", "--version"], cwd=ROOT,
+                         capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == f"alignfs {alignfs.__version__}"
 
 
 def test_public_names_still_resolve_lazily() -> None:
