@@ -198,12 +198,16 @@ class HddModel(StackOwner):
         self.major, self.minor = (int(x) for x in (sysdir / "dev").read_text().split(":"))
         dev = f"/dev/zram{zram_id}"
         _wait_for(lambda: os.path.exists(dev), 5.0, f"{dev} to appear")
+        # zram rounds disksize up to a page: fill and probe what it made, in
+        # whole pages (O_DIRECT lengths must be multiples of the block size).
+        dev_size = int((sysdir / "size").read_text()) * 512
         if self.prefill:
             started = time.monotonic()
-            fill_device(dev, self.size)
-            log.info("filled %s (%d MiB) in %.1f s", dev, self.size // MiB,
+            fill_device(dev, dev_size)
+            log.info("filled %s (%d MiB) in %.1f s", dev, dev_size // MiB,
                      time.monotonic() - started)
-        self.write_cpu_per_gib = rewrite_cpu_per_gib(dev, min(PROBE_BYTES, self.size // 4))
+        probe = min(PROBE_BYTES, dev_size // 4) // 4096 * 4096
+        self.write_cpu_per_gib = rewrite_cpu_per_gib(dev, probe)
         log.info("model write cost: %.2f CPU s/GiB", self.write_cpu_per_gib)
         run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", dev], timeout=120)
         assert self.workdir is not None
