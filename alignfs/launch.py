@@ -295,7 +295,8 @@ def take_status(path: Path | str | None) -> int | None:
 
 def _wait_pidfd(pid: int, deadline: float | None) -> bool:
     """Wait until *pid* ends or *deadline* passes, woken by the exit itself
-    (a pidfd), not by polling; False if pidfds are not available."""
+    (a pidfd), not by polling; False if pidfds are not available (then the
+    caller polls). The caller tells the two ends apart with pid_alive."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -306,9 +307,14 @@ def _wait_pidfd(pid: int, deadline: float | None) -> bool:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if poller.poll(None if wait is None else int(wait * 1000) + 1) or (
-                    deadline is not None and time.monotonic() > deadline):
+            if deadline is None:
+                ready = poller.poll()
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return True
+                ready = poller.poll(int(left * 1000) + 1)
+            if ready:
                 return True
     finally:
         os.close(pidfd)
