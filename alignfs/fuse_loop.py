@@ -12,7 +12,7 @@ pyfuse3 reaches trio through its module global ``pyfuse3.trio`` (its own
 ``pyfuse3.asyncio`` swaps that global the same way). :func:`install` replaces
 it with a view of trio whose ``Lock`` is :class:`ReadLock`: no checkpoint when
 uncontended, and no waiter woken by a release the releasing task undoes
-before it yields. Waiting for the FUSE descriptor still checkpoints on every
+before the scheduler next waits for I/O. Waiting for the FUSE descriptor still checkpoints on every
 request, so the loop keeps yielding to other tasks exactly as often.
 """
 
@@ -35,55 +35,67 @@ class ReadLock:
     hand-off: the released lock may go to a task that never waited).
     Cancellation while parked leaves the lock as it was.
 
-    Release does not wake a parked task itself. pyfuse3's reader releases the
-    lock as soon as it has read a request; when the handler answers without
-    blocking, which nearly every read and write does, the same task is back
-    for the lock within the same scheduler step, and a waiter woken at release
-    would only find it held again and park: one wasted task step per request
-    (23.5k of them for a 1 GiB ``qemu-img bench``). Instead the release
-    schedules the *doorman*, a system task that runs in the next batch and
-    wakes a waiter only if the lock is still free then, i.e. only if the
-    handler really blocked (a thread hop, a full pool, a flush that needs the
-    kernel's next request).
+    Release wakes nobody. pyfuse3's reader releases the lock as soon as it has
+    read a request; when the handler answers without blocking, which nearly
+    every read and write does, the same task is back for the lock within the
+    same scheduler step, and a waiter woken at release would only find it held
+    again and park: one wasted task step per request (23.5k of them for a
+    1 GiB ``qemu-img bench``). Instead, :class:`_IdleReaderWatch` looks at
+    the lock each time the scheduler is about to wait for I/O, i.e. once every
+    runnable task has run, and wakes a waiter only if the lock is free then:
+    the handler really blocked (a thread hop, a full pool, a flush that needs
+    the kernel's next request). An earlier version had a system task do that
+    check, rescheduled at every contended release; that cost one more task
+    step and one more scheduler pass (an ``epoll_wait`` of 0) per request.
     """
 
     def __init__(self) -> None:
         self._held = False
         self._waiters = trio.lowlevel.ParkingLot()
-        self._doorman: trio.lowlevel.Task | None = None
-        self._doorman_due = False
+        self._watch: _IdleReaderWatch | None = None
 
     async def __aenter__(self) -> None:
         while self._held:
+            token = trio.lowlevel.current_trio_token()
+            if self._watch is None or self._watch.token is not token:
+                self._watch = _IdleReaderWatch(self, token)
+                trio.lowlevel.add_instrument(self._watch)
             await self._waiters.park()
         self._held = True
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         self._held = False
-        if self._waiters and not self._doorman_due:
-            self._doorman_due = True
-            if self._doorman is None:
-                trio.lowlevel.spawn_system_task(self._door, name="alignfs read-lock doorman")
-            else:
-                trio.lowlevel.reschedule(self._doorman)
 
-    async def _door(self) -> None:
-        self._doorman = trio.lowlevel.current_task()
-        try:
-            while True:
-                self._doorman_due = False
-                if not self._held and self._waiters:
-                    self._waiters.unpark()
-                await trio.lowlevel.wait_task_rescheduled(_abort_succeeds)
-        finally:
-            self._doorman = None
-            if not self._held and self._waiters:
-                self._waiters.unpark_all()
+    def _wake_if_idle(self) -> bool:
+        """Wake a waiter if the lock is free; True if one was woken."""
+        if self._held or not self._waiters:
+            return False
+        self._waiters.unpark()
+        return True
 
 
-def _abort_succeeds(_: Any) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.SUCCEEDED
+class _IdleReaderWatch(trio.abc.Instrument):
+    """Hands a free :class:`ReadLock` to a waiter before the scheduler sleeps.
+
+    ``before_io_wait`` runs once per scheduler pass, after the pass's batch
+    of tasks. The waiter it wakes runs in the next pass; if the scheduler was
+    about to sleep (timeout > 0), a no-op callback through the trio token
+    makes that I/O wait return at once instead of when something else
+    happens (this is the rare case of a handler that blocked).
+    """
+
+    def __init__(self, lock: ReadLock, token: trio.lowlevel.TrioToken) -> None:
+        self.lock = lock
+        self.token = token
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self.lock._wake_if_idle() and timeout > 0:
+            self.token.run_sync_soon(_nothing)
+
+
+def _nothing() -> None:
+    pass
 
 
 class _TrioForPyfuse3:
