@@ -84,18 +84,17 @@ class Handle:
     #: Read-ahead state of the file (None if read-ahead is off).
     ra: FileReadAhead | None = None
     seq: SequentialState = field(default_factory=SequentialState)
+    # What the flags say, worked out once (every WRITE reads them).
+    append: bool = field(init=False)
+    direct: bool = field(init=False)
+    sync: bool = field(init=False)
+    datasync_only: bool = field(init=False)
 
-    @property
-    def append(self) -> bool:
-        return bool(self.flags & os.O_APPEND)
-
-    @property
-    def sync(self) -> bool:
-        return bool(self.flags & (os.O_SYNC | os.O_DSYNC))
-
-    @property
-    def datasync_only(self) -> bool:
-        return (self.flags & os.O_SYNC) != os.O_SYNC
+    def __post_init__(self) -> None:
+        self.append = bool(self.flags & os.O_APPEND)
+        self.direct = bool(self.flags & os.O_DIRECT)
+        self.sync = bool(self.flags & (os.O_SYNC | os.O_DSYNC))
+        self.datasync_only = (self.flags & os.O_SYNC) != os.O_SYNC
 
 
 @dataclass
@@ -629,8 +628,8 @@ class Operations(pyfuse3.Operations):
                 handle.ra = await self.readahead.attach(node.key, self._reopen(node), node.name)
         except BaseException:
             if handle.cached is not None:
-                if flags & os.O_DIRECT:
-                    handle.cached.direct_handles -= 1
+                if handle.direct:
+                    handle.cached.direct_handle_closed()
                 self.cache.detach(handle.cached)
             os.close(fd)
             raise
@@ -692,15 +691,21 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """Buffered bytes overlaid on BACKING; BACKING read ahead or plainly."""
-        if fh in self._control_reads:
+        handle = self._handles.get(fh)
+        if handle is None:
             return self._control_reads[fh][off:off + size]
-        handle = self._handles[fh]
+        cf = handle.cached or self.cache.files.get(handle.inode.key)
         sequential = handle.seq.note(off, size)
         try:
-            cf = handle.cached or self.cache.cached(handle.inode.key)
+            if cf is not None:
+                # QEMU's read of the block it pads a write to: from memory,
+                # without building the backing reader.
+                known = cf.read_from_memory(off, size)
+                if known is not None:
+                    return known
             backing_read = self._backing_reader(handle, sequential, cf)
             if cf is not None:
-                return await cf.read(off, size, backing_read)
+                return await cf.read_through(off, size, backing_read)
             self.stats.read_requests += 1
             data = await backing_read(off, size)
             self.stats.read_bytes += len(data)
@@ -730,11 +735,12 @@ class Operations(pyfuse3.Operations):
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        if fh in self._control_reads:
-            assert self.control is not None
+        handle = self._handles.get(fh)
+        if handle is None:
+            if self.control is None or fh not in self._control_reads:
+                raise FUSEError(errno.EBADF)
             await self.control.command(buf)
             return len(buf)
-        handle = self._handles[fh]
         cf = handle.cached
         if cf is None:
             raise FUSEError(errno.EBADF)
@@ -742,8 +748,7 @@ class Operations(pyfuse3.Operations):
             off = cf.size
         # With the writeback cache, a WRITE through a buffered handle is the
         # kernel's writeback: the client's write(2) returned long ago.
-        kernel = self.enable_writeback_cache and not handle.flags & os.O_DIRECT
-        await cf.write(off, buf, refuse_failing=not kernel)
+        await cf.write(off, buf, refuse_failing=handle.direct or not self.enable_writeback_cache)
         if handle.sync:
             await cf.fsync(handle.datasync_only)
         return len(buf)
@@ -787,8 +792,8 @@ class Operations(pyfuse3.Operations):
 
     def _drop_handle(self, handle: Handle) -> None:
         if handle.cached is not None:
-            if handle.flags & os.O_DIRECT:
-                handle.cached.direct_handles -= 1
+            if handle.direct:
+                handle.cached.direct_handle_closed()
             self.cache.detach(handle.cached)
         if handle.ra is not None and self.readahead is not None:
             self.readahead.detach(handle.ra, handle.seq)

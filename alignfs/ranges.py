@@ -26,6 +26,14 @@ class RangeSet:
         if start >= end:
             return 0
         starts, ends = self._starts, self._ends
+        if ends and starts[-1] <= start <= ends[-1]:
+            # A stream's next write, or a rewrite of its tail: only the last
+            # range can grow.
+            last = ends[-1]
+            if end <= last:
+                return 0
+            ends[-1] = end
+            return end - last
         i = bisect_left(ends, start)  # first range ending at or after start
         j = bisect_right(starts, end)  # ranges [i, j) touch or overlap
         old = 0

@@ -183,11 +183,10 @@ class CachedFile:
         refused WRITE would make the kernel drop those pages, so they are kept
         like the rest and retried, as long as memory allows (new_buffer).
         """
-        if refuse_failing:
+        if refuse_failing and (self.error is not None or self.lost_error is not None):
             self.raise_error()
         cache = self.cache
         bsize = cache.buffer_size
-        view = memoryview(data)
         pos, end = off, off + len(data)
         if end > cache.max_offset:
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
@@ -195,6 +194,14 @@ class CachedFile:
             self.holes.remove(off, end)
         stats = cache.stats
         filling = self.filling
+        # Most writes (every one of QEMU's) land in one window: copy from
+        # *data* itself, without a memoryview per piece.
+        whole = end - off <= bsize - off % bsize
+        view = data if whole else memoryview(data)
+        # ``touched`` only matters while no O_DIRECT handle is open
+        # (_seal_idle; direct_handle_closed refreshes it).
+        stamp = self.direct_handles == 0
+        now = trio.current_time() if stamp else 0.0
         while pos < end:
             window = pos - pos % bsize
             buf = filling.get(window)
@@ -202,16 +209,21 @@ class CachedFile:
                 buf = await cache.new_buffer(self, window, refuse_failing)
                 if refuse_failing:
                     self.raise_error()
+                if stamp:
+                    now = trio.current_time()
             else:
                 # Least recently written first when the file must give one up.
                 filling.move_to_end(window)
             n = min(end, window + bsize) - pos
             rel = pos - window
-            buf.view[rel:rel + n] = view[pos - off:pos - off + n]
-            buf.touched = trio.current_time()
+            buf.view[rel:rel + n] = view if whole else view[pos - off:pos - off + n]
+            if stamp:
+                buf.touched = now
             added = buf.ranges.add(rel, rel + n)
             buf.filled += added
-            stats.add_dirty(added)
+            stats.dirty_bytes += added
+            if stats.dirty_bytes > stats.peak_dirty_bytes:
+                stats.peak_dirty_bytes = stats.dirty_bytes
             if buf.filled == bsize and self.direct_handles == 0 and cache.kernel_times:
                 # Pages from the kernel's writeback: it already gathered and
                 # delayed them, so a full window waits for nothing more. Written
@@ -222,10 +234,23 @@ class CachedFile:
             if pos > self.size:
                 self.size = pos
             self.write_gen += 1
-        cache.stats.write_requests += 1
-        cache.stats.write_bytes += len(data)
+        stats.write_requests += 1
+        stats.write_bytes += len(data)
         if not cache.kernel_times:
             self.mtime_ns = time.time_ns()
+
+    def direct_handle_closed(self) -> None:
+        """An O_DIRECT handle of the file was released.
+
+        Writes through O_DIRECT handles do not stamp ``touched``; once the
+        last one is gone the file's buffers count as written just now, so
+        that _seal_idle gives them their full idle time.
+        """
+        self.direct_handles -= 1
+        if self.direct_handles == 0:
+            now = trio.current_time()
+            for buf in self.filling.values():
+                buf.touched = now
 
     async def read(self, off: int, size: int,
                    backing_read: Callable[[int, int], Awaitable[bytes]]) -> bytes:
@@ -233,16 +258,37 @@ class CachedFile:
 
         *backing_read(off, size)* reads the backing file (plain or read-ahead).
         """
+        known = self.read_from_memory(off, size)
+        if known is not None:
+            return known
+        return await self.read_through(off, size, backing_read)
+
+    def read_from_memory(self, off: int, size: int) -> bytes | None:
+        """The answer to a read when memory alone gives it (see _read_known,
+        and reads at or past EOF), counted as a read; else None, counted as
+        nothing (then read_through answers)."""
+        end = min(off + size, self.size)
+        if off >= end:
+            known = b""
+        else:
+            known = self._read_known(off, end)
+            if known is None:
+                return None
+        stats = self.cache.stats
+        stats.read_requests += 1
+        stats.read_bytes += len(known)
+        return known
+
+    async def read_through(self, off: int, size: int,
+                           backing_read: Callable[[int, int], Awaitable[bytes]]) -> bytes:
+        """A read that read_from_memory could not answer: buffered and
+        in-flight bytes overlaid on what *backing_read* returns."""
         cache = self.cache
         stats = cache.stats
         stats.read_requests += 1
         end = min(off + size, self.size)
-        if off >= end:
+        if off >= end:  # only if the caller awaited since read_from_memory
             return b""
-        known = self._read_known(off, end)
-        if known is not None:
-            stats.read_bytes += len(known)
-            return known
         bsize = cache.buffer_size
         out = bytearray(end - off)
         bufs = [b for b in chain(self.queue, self.filling.values())
@@ -282,23 +328,26 @@ class CachedFile:
 
         The common read of a writer, answered without building range sets:
         QEMU's read of the block it pads a write to. The range lies in one
-        window, no buffer in write-out overlaps it, and every byte is in that
-        window's filling buffer, in a known hole, or past the end of BACKING.
+        window, and either the window's filling buffer holds all of it (it is
+        newer than any buffer of the window in write-out), or no buffer of the
+        window is in write-out and every byte is in the filling buffer, in a
+        known hole, or past the end of BACKING.
         """
         cache = self.cache
         bsize = cache.buffer_size
         window = off - off % bsize
         if end > window + bsize:
             return None
+        buf = self.filling.get(window)
+        if buf is not None and buf.ranges.covers(off - window, end - window):
+            # All in the filling buffer, which is newer than any buffer of
+            # this window still in write-out.
+            cache.stats.reads_from_buffers += 1
+            return bytes(buf.view[off - window:end - window])
         for b in self.queue:
             if b.window == window:
                 return None
-        buf = self.filling.get(window)
         segs = list(buf.ranges.intersect(off - window, end - window)) if buf else []
-        if len(segs) == 1 and segs[0] == (off - window, end - window):
-            cache.stats.reads_from_buffers += 1
-            assert buf is not None
-            return bytes(buf.view[off - window:end - window])
         # Every byte outside the buffer must be known to read as zeros.
         pos = off
         backing_size = self.backing_size

@@ -189,6 +189,22 @@ def test_rangeset_matches_bruteforce_model(seed: int) -> None:
         assert rs.covers(qs, qe) == inside.issubset(model)
 
 
+def test_rangeset_stream_that_rewrites_its_tail() -> None:
+    """QEMU's savevm pattern: each chunk is written twice from a point inside
+    the covered tail (the last range grows; nothing else may change)."""
+    rs = RangeSet()
+    rs.add(0, 10)  # an earlier, separate range stays as it is
+    model = set(range(0, 10))
+    pos = 100
+    for step in range(40):
+        start = pos - (step % 3)  # at the tail's end or inside it
+        for end in (start + 9, start + 33):
+            assert rs.add(start, end) == len(set(range(start, end)) - model)
+            model |= set(range(start, end))
+        pos = start + 33
+        assert list(rs) == _runs(model, 0, pos + 1)
+
+
 def test_rangeset_intersect_of_empty_interval() -> None:
     rs = RangeSet()
     rs.add(30, 40)
@@ -1331,6 +1347,34 @@ async def test_read_in_memory_is_not_taken_past_a_write_out_in_flight(backing: P
             assert await cf.read(0, 20, None) == bytes(10) + b"x" * 10
             io.gate.set()
             await cf.fsync(False)
+            cache.detach(cf)
+    finally:
+        io.gate.set()
+
+
+async def test_read_covered_by_the_newer_buffer_needs_nothing_else(backing: Path) -> None:
+    """While a window is in write-out, a read that the newer filling buffer of
+    that window covers is answered from it alone: its bytes are the newest,
+    and neither the buffer in write-out nor BACKING is consulted."""
+    io = GatedIO(4)
+
+    async def no_backing_read(off: int, n: int) -> bytes:
+        raise AssertionError(f"backing read of {n} at {off}")
+
+    try:
+        async with running_cache(io) as cache:
+            cf = await attach(cache, backing)
+            await cf.write(0, b"o" * 8192)
+            cf.start_write_back("fsync")
+            await trio.testing.wait_all_tasks_blocked()
+            assert cf.queue
+            await cf.write(4000, b"n" * 200)  # the newer buffer of the same window
+            assert await cf.read(4010, 100, no_backing_read) == b"n" * 100
+            # partly covered: the overlay of the buffer in write-out, as before
+            assert await cf.read(3990, 30, no_backing_read) == b"o" * 10 + b"n" * 20
+            io.gate.set()
+            await cf.fsync(False)
+            assert read_direct(backing)[:8192] == b"o" * 4000 + b"n" * 200 + b"o" * 3992
             cache.detach(cf)
     finally:
         io.gate.set()
