@@ -48,6 +48,17 @@ _OPEN_CLIENT_ONLY = (os.O_APPEND | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_T
                      | os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
 
 
+def _fuse_error(exc: Exception, handler: str) -> FUSEError:
+    """The answer to a handler that raised *exc* (call it in the except block,
+    where an internal error's traceback is logged)."""
+    if isinstance(exc, FUSEError):
+        return exc
+    if isinstance(exc, OSError):
+        return FUSEError(exc.errno or errno.EIO)
+    log.exception("internal error in %s; answering EIO", handler)
+    return FUSEError(errno.EIO)
+
+
 def _fuse_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -55,18 +66,23 @@ def _fuse_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
             return await fn(*args, **kwargs)
         except FUSEError:
             raise
-        except OSError as exc:
-            raise FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s; answering EIO", fn.__name__)
-            raise FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise _fuse_error(exc, fn.__name__) from None
     return wrapper
+
+
+def own_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a handler that turns its own exceptions into FUSEError (through
+    _fuse_error): READ and WRITE, to save a coroutine per request."""
+    fn._own_boundary = True  # type: ignore[attr-defined]
+    return fn
 
 
 def fuse_boundary(cls: type) -> type:
     """Wrap every async handler of *cls* in the error boundary."""
     for name, member in list(vars(cls).items()):
-        if inspect.iscoroutinefunction(member) and not name.startswith("_"):
+        if (inspect.iscoroutinefunction(member) and not name.startswith("_")
+                and not getattr(member, "_own_boundary", False)):
             setattr(cls, name, _fuse_boundary(member))
     return cls
 
@@ -689,29 +705,33 @@ class Operations(pyfuse3.Operations):
             raise
         return info, await self._fresh_attrs(node)
 
+    @own_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """Buffered bytes overlaid on BACKING; BACKING read ahead or plainly."""
-        handle = self._handles.get(fh)
-        if handle is None:
-            return self._control_reads[fh][off:off + size]
-        cf = handle.cached or self.cache.files.get(handle.inode.key)
-        sequential = handle.seq.note(off, size)
         try:
-            if cf is not None:
-                # QEMU's read of the block it pads a write to: from memory,
-                # without building the backing reader.
-                known = cf.read_from_memory(off, size)
-                if known is not None:
-                    return known
-            backing_read = self._backing_reader(handle, sequential, cf)
-            if cf is not None:
-                return await cf.read_through(off, size, backing_read)
-            self.stats.read_requests += 1
-            data = await backing_read(off, size)
-            self.stats.read_bytes += len(data)
-            return data
-        finally:
-            handle.seq.done()
+            handle = self._handles.get(fh)
+            if handle is None:
+                return self._control_reads[fh][off:off + size]
+            cf = handle.cached or self.cache.files.get(handle.inode.key)
+            sequential = handle.seq.note(off, size)
+            try:
+                if cf is not None:
+                    # QEMU's read of the block it pads a write to: from
+                    # memory, without building the backing reader.
+                    known = cf.read_from_memory(off, size)
+                    if known is not None:
+                        return known
+                backing_read = self._backing_reader(handle, sequential, cf)
+                if cf is not None:
+                    return await cf.read_through(off, size, backing_read)
+                self.stats.read_requests += 1
+                data = await backing_read(off, size)
+                self.stats.read_bytes += len(data)
+                return data
+            finally:
+                handle.seq.done()
+        except Exception as exc:
+            raise _fuse_error(exc, "read") from None
 
     def _backing_reader(self, handle: Handle, sequential: bool, cf: CachedFile | None) \
             -> Callable[[int, int], Awaitable[bytes]]:
@@ -734,24 +754,30 @@ class Operations(pyfuse3.Operations):
         self.stats.backing_read_bytes += len(data)
         return data
 
+    @own_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handles.get(fh)
-        if handle is None:
-            if self.control is None or fh not in self._control_reads:
+        try:
+            handle = self._handles.get(fh)
+            if handle is None:
+                if self.control is None or fh not in self._control_reads:
+                    raise FUSEError(errno.EBADF)
+                await self.control.command(buf)
+                return len(buf)
+            cf = handle.cached
+            if cf is None:
                 raise FUSEError(errno.EBADF)
-            await self.control.command(buf)
+            if handle.append:
+                off = cf.size
+            # With the writeback cache, a WRITE through a buffered handle is
+            # the kernel's writeback: the client's write(2) returned long ago.
+            refuse = handle.direct or not self.enable_writeback_cache
+            if not cf.write_now(off, buf, refuse):
+                await cf.write(off, buf, refuse)
+            if handle.sync:
+                await cf.fsync(handle.datasync_only)
             return len(buf)
-        cf = handle.cached
-        if cf is None:
-            raise FUSEError(errno.EBADF)
-        if handle.append:
-            off = cf.size
-        # With the writeback cache, a WRITE through a buffered handle is the
-        # kernel's writeback: the client's write(2) returned long ago.
-        await cf.write(off, buf, refuse_failing=handle.direct or not self.enable_writeback_cache)
-        if handle.sync:
-            await cf.fsync(handle.datasync_only)
-        return len(buf)
+        except Exception as exc:
+            raise _fuse_error(exc, "write") from None
 
     async def flush(self, fh: int) -> None:
         # FLUSH comes with every close() of a descriptor, including the copies a

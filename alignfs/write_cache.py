@@ -183,8 +183,8 @@ class CachedFile:
         refused WRITE would make the kernel drop those pages, so they are kept
         like the rest and retried, as long as memory allows (new_buffer).
         """
-        if refuse_failing and (self.error is not None or self.lost_error is not None):
-            self.raise_error()
+        if self.write_now(off, data, refuse_failing):
+            return
         cache = self.cache
         bsize = cache.buffer_size
         pos, end = off, off + len(data)
@@ -192,16 +192,8 @@ class CachedFile:
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         if self.holes:
             self.holes.remove(off, end)
-        stats = cache.stats
         filling = self.filling
-        # Most writes (every one of QEMU's) land in one window: copy from
-        # *data* itself, without a memoryview per piece.
-        whole = end - off <= bsize - off % bsize
-        view = data if whole else memoryview(data)
-        # ``touched`` only matters while no O_DIRECT handle is open
-        # (_seal_idle; direct_handle_closed refreshes it).
-        stamp = self.direct_handles == 0
-        now = trio.current_time() if stamp else 0.0
+        view = memoryview(data)
         while pos < end:
             window = pos - pos % bsize
             buf = filling.get(window)
@@ -209,33 +201,68 @@ class CachedFile:
                 buf = await cache.new_buffer(self, window, refuse_failing)
                 if refuse_failing:
                     self.raise_error()
-                if stamp:
-                    now = trio.current_time()
             else:
                 # Least recently written first when the file must give one up.
                 filling.move_to_end(window)
             n = min(end, window + bsize) - pos
-            rel = pos - window
-            buf.view[rel:rel + n] = view if whole else view[pos - off:pos - off + n]
-            if stamp:
-                buf.touched = now
-            added = buf.ranges.add(rel, rel + n)
-            buf.filled += added
-            stats.dirty_bytes += added
-            if stats.dirty_bytes > stats.peak_dirty_bytes:
-                stats.peak_dirty_bytes = stats.dirty_bytes
-            if buf.filled == bsize and self.direct_handles == 0 and cache.kernel_times:
-                # Pages from the kernel's writeback: it already gathered and
-                # delayed them, so a full window waits for nothing more. Written
-                # now, an fsync (dd conv=fsync, cp; sync FILE) finds only the
-                # last window left to write.
-                cache.seal(buf, "full")
+            self._put(buf, pos - window, view[pos - off:pos - off + n])
             pos += n
-            if pos > self.size:
-                self.size = pos
-            self.write_gen += 1
-        stats.write_requests += 1
-        stats.write_bytes += len(data)
+        self._count_write(len(data))
+
+    def write_now(self, off: int, data: bytes, refuse_failing: bool = True) -> bool:
+        """:meth:`write` when it need not wait: *data* lies in one window whose
+        buffer is filling. True if the write is done; False, with nothing
+        changed, if :meth:`write` must be awaited. Every QEMU write but the
+        first of each window takes this path, with no coroutine to run."""
+        if refuse_failing and (self.error is not None or self.lost_error is not None):
+            self.raise_error()
+        cache = self.cache
+        rel = off % cache.buffer_size
+        if rel + len(data) > cache.buffer_size:
+            return False
+        buf = self.filling.get(off - rel)
+        if buf is None:
+            return False
+        end = off + len(data)
+        if end > cache.max_offset:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        if self.holes:
+            self.holes.remove(off, end)
+        # Least recently written first when the file must give one up.
+        self.filling.move_to_end(off - rel)
+        self._put(buf, rel, data)
+        self._count_write(len(data))
+        return True
+
+    def _put(self, buf: Buffer, rel: int, piece: bytes | memoryview) -> None:
+        """Copy *piece* to *rel* in *buf* and account for it."""
+        cache = self.cache
+        end = rel + len(piece)
+        buf.view[rel:end] = piece
+        if self.direct_handles == 0:
+            # Only then does ``touched`` count (_seal_idle); direct_handle_closed
+            # refreshes it when the last O_DIRECT handle goes.
+            buf.touched = trio.current_time()
+        added = buf.ranges.add(rel, end)
+        buf.filled += added
+        stats = cache.stats
+        stats.dirty_bytes += added
+        if stats.dirty_bytes > stats.peak_dirty_bytes:
+            stats.peak_dirty_bytes = stats.dirty_bytes
+        if buf.filled == cache.buffer_size and self.direct_handles == 0 and cache.kernel_times:
+            # Pages from the kernel's writeback: it already gathered and
+            # delayed them, so a full window waits for nothing more. Written
+            # now, an fsync (dd conv=fsync, cp; sync FILE) finds only the
+            # last window left to write.
+            cache.seal(buf, "full")
+        if buf.window + end > self.size:
+            self.size = buf.window + end
+        self.write_gen += 1
+
+    def _count_write(self, n: int) -> None:
+        cache = self.cache
+        cache.stats.write_requests += 1
+        cache.stats.write_bytes += n
         if not cache.kernel_times:
             self.mtime_ns = time.time_ns()
 

@@ -247,3 +247,52 @@ async def test_fsync_of_a_read_only_handle_reports_dropped_data(tmp_path: Path) 
             await ops.release(reader.fh)
     finally:
         io.close()
+
+
+# -- the error boundary ---------------------------------------------------------------
+
+
+class _Broken(Exception):
+    """A bug inside a handler (not an OSError)."""
+
+
+@pytest.mark.parametrize("handler", ["read", "write", "getattr"])
+async def test_handlers_answer_errno_for_oserror_and_eio_for_a_bug(
+        tmp_path: Path, handler: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """READ and WRITE turn their exceptions into FUSEError themselves (no
+    wrapper); every handler must answer the same way: an OSError's errno,
+    and EIO with the traceback logged for anything else. A bare exception
+    would end pyfuse3's main loop and the mount with it."""
+    io = BackingIO(2)
+    try:
+        async with ops_over(tmp_path, io) as (ops, cache):
+            info, entry = await create_img(ops)
+            await ops.write(info.fh, 0, b"d" * 100)
+            cf = cache.files[ops._handles[info.fh].inode.key]
+
+            async def call() -> object:
+                if handler == "read":
+                    return await ops.read(info.fh, 0, 10)
+                if handler == "write":
+                    return await ops.write(info.fh, 0, b"x")
+                return await ops.getattr(entry.st_ino, FakeContext())
+
+            for exc, want in ((OSError(errno.ENOSPC, "full"), errno.ENOSPC),
+                              (_Broken("bug"), errno.EIO)):
+                def fail(*args: object, exc: Exception = exc) -> object:
+                    raise exc
+                target = {"read": (cf, "read_from_memory"), "write": (cf, "write_now"),
+                          "getattr": (ops, "_fresh_attrs")}[handler]
+                with monkeypatch.context() as m:
+                    m.setattr(*target, fail)
+                    caplog.clear()
+                    with pytest.raises(pyfuse3.FUSEError) as err:
+                        await call()
+                assert err.value.errno == want
+                logged = [r for r in caplog.records if "internal error" in r.getMessage()]
+                assert bool(logged) == (want == errno.EIO)
+            assert await call() is not None  # and the handler works again
+            await ops.release(info.fh)
+    finally:
+        io.close()
