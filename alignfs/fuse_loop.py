@@ -12,8 +12,9 @@ pyfuse3 reaches trio through its module global ``pyfuse3.trio`` (its own
 ``pyfuse3.asyncio`` swaps that global the same way). :func:`install` replaces
 it with a view of trio whose ``Lock`` is :class:`ReadLock`: no checkpoint when
 uncontended, and no waiter woken by a release the releasing task undoes
-before the scheduler next waits for I/O. Waiting for the FUSE descriptor still checkpoints on every
-request, so the loop keeps yielding to other tasks exactly as often.
+before the scheduler next waits for I/O. Waiting for the FUSE descriptor
+still checkpoints on every request, so the loop keeps yielding to other tasks
+exactly as often.
 """
 
 from __future__ import annotations
