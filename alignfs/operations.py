@@ -712,7 +712,7 @@ class Operations(pyfuse3.Operations):
             handle = self._handles.get(fh)
             if handle is None:
                 return self._control_reads[fh][off:off + size]
-            cf = handle.cached or self.cache.files.get(handle.inode.key)
+            cf = handle.cached or self.cache.cached(handle.inode.key)
             sequential = handle.seq.note(off, size)
             try:
                 if cf is not None:
