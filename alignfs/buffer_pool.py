@@ -10,13 +10,33 @@ region of whole 2 MiB pages is backed by transparent huge pages when the
 system allows them (``madvise`` mode included). A huge page is one fault
 instead of 512 and one pin per 2 MiB for the kernel's O_DIRECT path, which
 pins every page of a buffer on each write-out (measured in DEVELOPERS.md).
+
+The pool grows on a worker thread (:meth:`BufferPool.grow`), which also
+faults the new region in. A first touch is the dearest thing a buffer ever
+costs: the kernel zeroes every page, and a virtual machine whose host took
+idle memory back (free page reporting) faults each page in on the host too.
+Done in the first write's copy, that stalled every client of the mount for
+each new 8 MiB (2-3 ms per huge page on the VM the bench runs on); on a
+worker it stalls only the writer that needs the buffer. Its CPU time is kept
+(``pool_touch_seconds``): a cost paid once per buffer per mount, which a
+benchmark of a fresh mount would otherwise count against every GiB.
 """
 
 from __future__ import annotations
 
 import mmap
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
+
+#: Runs a blocking call on a worker thread: ``await run(fn, *args)``.
+RunInThread = Callable[..., Awaitable[Any]]
+
+#: madvise(2) advice that faults a range in, writable (Linux 5.14); missing
+#: from the mmap module of the Pythons alignfs supports.
+MADV_POPULATE_WRITE = 23
 
 
 def anonymous_buffer(size: int) -> mmap.mmap:
@@ -36,34 +56,73 @@ def anonymous_buffer(size: int) -> mmap.mmap:
     return mem
 
 
+def touched_buffer(size: int) -> tuple[mmap.mmap, float]:
+    """:func:`anonymous_buffer`, every page faulted in; and the CPU seconds
+    that took. Blocks: run it on a worker thread."""
+    start = time.thread_time()
+    mem = anonymous_buffer(size)
+    try:
+        mem.madvise(MADV_POPULATE_WRITE)
+    except OSError:  # before Linux 5.14: touch each page
+        for pos in range(0, size, mmap.PAGESIZE):
+            mem[pos] = 0
+    return mem, time.thread_time() - start
+
+
 class BufferPool:
     """At most *max_buffers* mmap buffers of *buffer_size* bytes, made on demand
-    and reused; :meth:`try_take` never blocks, :meth:`wait_for_free` parks a
-    writer until :meth:`give_back` (or :meth:`wake_waiters`)."""
+    (:meth:`grow`) and reused; :meth:`try_take` never blocks,
+    :meth:`wait_for_free` parks a writer until :meth:`give_back` (or
+    :meth:`wake_waiters`)."""
 
-    def __init__(self, buffer_size: int, max_buffers: int) -> None:
+    def __init__(self, buffer_size: int, max_buffers: int,
+                 run_in_thread: RunInThread = trio.to_thread.run_sync) -> None:
         self.buffer_size = buffer_size
+        #: How :meth:`grow` gets to a worker thread (the cache's BackingIO.meta).
+        self._run_in_thread = run_in_thread
         self.max_buffers = max_buffers
         self._free: list[mmap.mmap] = []
+        #: Buffers made, those being made included.
         self._allocated = 0
+        self._growing = 0
+        #: CPU seconds spent faulting new buffers in (see the module docstring).
+        self.touch_seconds = 0.0
         self._lot = trio.lowlevel.ParkingLot()
 
     @property
     def in_use(self) -> int:
         """Buffers handed out and not yet returned."""
-        return self._allocated - len(self._free)
+        return self._allocated - self._growing - len(self._free)
 
-    def try_take(self, extra: int = 0) -> mmap.mmap | None:
-        """A buffer if one is free or may still be allocated, else None.
+    @property
+    def made(self) -> int:
+        """Buffers in existence (free, in use, or being made)."""
+        return self._allocated
 
-        *extra* raises the bound for this call (buffers stuck on a failing file).
-        """
-        if self._free:
-            return self._free.pop()
-        if self._allocated < self.max_buffers + extra:
-            self._allocated += 1
-            return anonymous_buffer(self.buffer_size)
-        return None
+    def try_take(self) -> mmap.mmap | None:
+        """A free buffer, else None (then see :meth:`can_grow`)."""
+        return self._free.pop() if self._free else None
+
+    def can_grow(self, extra: int = 0) -> bool:
+        """Whether one more buffer may be made. *extra* raises the bound for
+        this call (buffers stuck on a failing file)."""
+        return self._allocated < self.max_buffers + extra
+
+    async def grow(self) -> None:
+        """Make one more buffer, faulted in on a worker thread, and add it to
+        the free list (waking waiters). Call only when :meth:`can_grow`; the
+        slot is taken at once, so concurrent callers respect the bound."""
+        self._allocated += 1
+        self._growing += 1
+        try:
+            mem, seconds = await self._run_in_thread(touched_buffer, self.buffer_size)
+        except BaseException:
+            self._allocated -= 1
+            raise
+        finally:
+            self._growing -= 1
+        self.touch_seconds += seconds
+        self.give_back(mem)
 
     async def wait_for_free(self) -> None:
         """Sleep until some buffer has been returned."""

@@ -95,6 +95,11 @@ class Stats:
     peak_dirty_bytes: int = _gauge("dirty peak", "Highest dirty bytes since the mount.")
     buffers_in_use: int = _gauge("buffers in use", "Write buffers taken from the pool.",
                                  "count")
+    pool_bytes: int = _gauge(
+        "buffer pool", "Memory the write-buffer pool has made (it keeps it until unmount).")
+    pool_touch_seconds: float = _field(
+        "counter", "seconds", "pool first touch (CPU s)",
+        "CPU seconds spent faulting in new write buffers: once per buffer per mount.", 0.0)
     writer_wait_seconds: float = _field(
         "counter", "seconds", "writer wait (s)",
         "Seconds writers waited for buffer memory (--max-dirty).", 0.0)

@@ -16,9 +16,10 @@ never made larger than the file, not even for a moment: the part of a last
 block below EOF goes through a buffered descriptor (see ``_plan_writes``).
 
 Concurrency model (trio, one thread): everything here runs on the trio thread
-and is atomic between ``await`` points; the only awaits are the pool wait,
-thread hops for backing I/O, and ``CachedFile.lock``, which is held for every
-operation that changes the backing file (a buffer's write-out, truncate) so
+and is atomic between ``await`` points; the only awaits are the pool (its
+wait, and its growth: a new buffer is made on a worker thread), thread hops
+for backing I/O, and ``CachedFile.lock``, which is held for every operation
+that changes the backing file (a buffer's write-out, truncate) so
 those never overlap for one file. Worker threads touch a sealed buffer's
 memory only, and only its uncovered bytes (filled by read-modify-write) and
 for the pwrite; readers copy covered bytes only.
@@ -512,7 +513,7 @@ class WriteCache:
         #: Direct-I/O alignment of BACKING; 0 if it has no O_DIRECT.
         self.align = align or 4096
         self.use_direct = align != 0
-        self.pool = BufferPool(buffer_size, max_dirty // buffer_size)
+        self.pool = BufferPool(buffer_size, max_dirty // buffer_size, io.meta)
         self.files: dict[Key, CachedFile] = {}
         #: Lowered to the offset of the first EFBIG, so later writes fail at once.
         self.max_offset = MAX_OFFSET
@@ -648,13 +649,19 @@ class WriteCache:
                 raise again(cf.error)
             if len(cf.filling) >= self.buffers_per_file:
                 self._seal_one_of(cf)
-            mem = self.pool.try_take(extra=self._stuck_buffers())
+            mem = self.pool.try_take()
             if mem is not None:
                 buf = Buffer(cf, mem, window, trio.current_time())
                 cf.filling[window] = buf
                 self.filling[buf] = None
                 self.stats.buffers_in_use = self.pool.in_use
                 break
+            if self.pool.can_grow(extra=self._stuck_buffers()):
+                # Then look again: others ran while the buffer was made.
+                await self.pool.grow()
+                self.stats.pool_bytes = self.pool.made * self.buffer_size
+                self.stats.pool_touch_seconds = self.pool.touch_seconds
+                continue
             if self.filling and not self._memory_coming_back():
                 # Only filling buffers hold memory: give one up (a passed one first).
                 done = next((b for b in self.filling if self._passed(b)), None)

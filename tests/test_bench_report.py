@@ -65,6 +65,18 @@ def test_row_medians_use_total_time_including_drain() -> None:
     assert row.serving_cpu_per_gib == pytest.approx(1.75)
 
 
+def test_first_touch_of_the_buffer_pool_is_shown_beside_the_cpu() -> None:
+    row = savevm_row()
+    assert row.pool_touch_per_gib is None
+    assert not any("first touch" in flag for flag in row.flags)
+    for run, touch in zip(row.alignfs_runs, [0.05, 0.3, 0.2], strict=True):
+        run.stats = dict(run.stats, pool_touch_seconds=touch, pool_bytes=256 * MiB)
+    assert row.pool_touch_per_gib == pytest.approx(0.2)  # median, per GiB of payload
+    assert row.to_json()["pool_touch_cpu_seconds_per_gib"] == pytest.approx(0.2)
+    assert ("CPU includes 0.20 s/GiB first touch of the daemon's 256 MiB buffer pool "
+            "(once per mount)") in row.flags
+
+
 def test_failed_runs_are_excluded_and_reported() -> None:
     row = savevm_row()
     bad = RunResult(scenario="savevm", case="alignfs-none", side="alignfs", rep=4, ok=False,

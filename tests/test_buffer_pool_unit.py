@@ -63,6 +63,10 @@ def test_whole_huge_pages_of_a_buffer_are_huge() -> None:
 
 async def test_pool_reuses_buffers_and_wakes_a_waiting_writer() -> None:
     pool = BufferPool(4096, max_buffers=2)
+    assert pool.try_take() is None  # nothing made yet
+    await pool.grow()
+    await pool.grow()
+    assert not pool.can_grow()
     a, b = pool.try_take(), pool.try_take()
     assert a is not None and b is not None and pool.try_take() is None
     assert pool.in_use == 2
@@ -82,3 +86,40 @@ async def test_pool_reuses_buffers_and_wakes_a_waiting_writer() -> None:
     pool.give_back(a)
     pool.close()
     assert pool.in_use == 0
+
+
+def _resident_bytes(mem: mmap.mmap) -> int:
+    smaps = _smaps_entry(_address(mem))
+    return int(re.search(r"\nRss:\s+(\d+) kB", smaps).group(1)) * 1024
+
+
+async def test_growth_takes_its_slot_at_once_and_faults_the_buffer_in() -> None:
+    """Two writers growing at once make no more than the bound; the new
+    buffer is resident before the trio thread first copies into it, and the
+    CPU that took is counted."""
+    pool = BufferPool(4 * HUGE, max_buffers=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.grow)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.0)
+        assert not pool.can_grow()  # the first grower holds the only slot
+        assert pool.made == 1 and pool.in_use == 0
+    mem = pool.try_take()
+    assert mem is not None and pool.try_take() is None
+    try:
+        assert _resident_bytes(mem) == len(mem)
+        assert mem[:] == bytes(len(mem))
+        assert pool.touch_seconds > 0
+    finally:
+        pool.give_back(mem)
+        pool.close()
+
+
+async def test_a_failed_growth_gives_its_slot_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(size: int) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr("alignfs.buffer_pool.touched_buffer", no_memory)
+    pool = BufferPool(4096, max_buffers=1)
+    with pytest.raises(OSError):
+        await pool.grow()
+    assert pool.can_grow() and pool.made == 0 and pool.in_use == 0

@@ -331,6 +331,21 @@ class RowResult:
         return self._cpu_per_gib(lambda r: r.daemon_cpu_seconds)
 
     @property
+    def pool_touch_per_gib(self) -> float | None:
+        """The part of :attr:`daemon_cpu_per_gib` spent faulting in the
+        daemon's buffer pool as it grew: paid once per buffer per mount, so a
+        fresh mount per run charges it to every run's few GiB."""
+        def touch(r: RunResult) -> float | None:
+            value = (r.stats or {}).get("pool_touch_seconds")
+            return float(value) if isinstance(value, int | float) else None
+
+        return self._cpu_per_gib(touch)
+
+    @property
+    def pool_bytes(self) -> float | None:
+        return self._stat_median("pool_bytes")
+
+    @property
     def serving_cpu_per_gib(self) -> float | None:
         """CPU s/GiB of the daemon's request-serving thread alone."""
         return self._cpu_per_gib(lambda r: r.serving_cpu_seconds)
@@ -347,6 +362,10 @@ class RowResult:
     def flags(self) -> list[str]:
         """Short warnings for the table's notes column."""
         out = list(self.notes) + self.target_results()
+        touch, pool = self.pool_touch_per_gib, self.pool_bytes
+        if touch is not None and touch >= 0.005 and pool:
+            out.append(f"CPU includes {touch:.2f} s/GiB first touch of the daemon's "
+                       f"{pool / (1 << 20):.0f} MiB buffer pool (once per mount)")
         ahead = self.readahead_bytes
         if self.direction == "read" and ahead:
             wasted = self.readahead_wasted_bytes or 0
@@ -417,6 +436,8 @@ class RowResult:
             "targets": self.target_results(),
             "daemon_cpu_seconds_per_gib": self.daemon_cpu_per_gib,
             "serving_cpu_seconds_per_gib": self.serving_cpu_per_gib,
+            "pool_touch_cpu_seconds_per_gib": self.pool_touch_per_gib,
+            "pool_bytes": self.pool_bytes,
             "notes": self.notes,
             "skipped_sides": self.skipped_sides,
             "flags": self.flags,
