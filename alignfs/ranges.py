@@ -50,6 +50,14 @@ class RangeSet:
         if start >= end:
             return 0
         starts, ends = self._starts, self._ends
+        if not starts or end <= starts[0]:
+            return 0
+        if start <= starts[0] and end < ends[0]:
+            # A writer eating into the hole in front of it (CachedFile.holes):
+            # only the first range shrinks.
+            old = end - starts[0]
+            starts[0] = end
+            return old
         i = bisect_right(ends, start)  # first range ending after start
         j = bisect_left(starts, end)  # ranges [i, j) overlap
         if i >= j:
