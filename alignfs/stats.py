@@ -76,6 +76,9 @@ class Stats:
     rmw_block_reads: int = _count(
         "read-modify-write block reads",
         "Partly covered blocks read back from BACKING before a write.")
+    zero_fill_bytes: int = _count(
+        "zeros written to join writes",
+        "Zeros written past BACKING's end to join nearby extents into one write.", "bytes")
     readahead_hits: int = _count("read-ahead hits", "Reads served from read-ahead data.")
     readahead_bytes: int = _count("bytes read ahead", "Bytes read ahead from BACKING.", "bytes")
     readahead_wasted_bytes: int = _count(

@@ -205,6 +205,25 @@ def test_rangeset_stream_that_rewrites_its_tail() -> None:
         assert list(rs) == _runs(model, 0, pos + 1)
 
 
+def test_rangeset_writer_eating_into_the_hole_ahead() -> None:
+    """CachedFile.holes under a sequential writer: each write removes a
+    range that starts at or before the first hole and ends inside it (the
+    first range shrinks); and removals wholly before it change nothing."""
+    rs = RangeSet()
+    rs.add(100, 400)
+    rs.add(500, 600)
+    model = set(range(100, 400)) | set(range(500, 600))
+    pos = 90
+    for step in range(60):
+        start = pos - (step % 4)  # overlapping what was written already
+        end = start + 7 + step % 5
+        assert rs.remove(start, end) == len(set(range(start, end)) & model)
+        model -= set(range(start, end))
+        pos = end
+        assert list(rs) == _runs(model, 0, 601)
+    assert rs.remove(0, 50) == 0 and list(rs) == _runs(model, 0, 601)
+
+
 def test_rangeset_intersect_of_empty_interval() -> None:
     rs = RangeSet()
     rs.add(30, 40)
@@ -400,7 +419,9 @@ async def test_read_sees_buffer_whose_write_out_is_in_flight(backing: Path, rfd)
 
 
 async def test_newer_buffer_for_same_window_lands_last(backing: Path) -> None:
-    """Two sealed buffers for one window: FIFO write-out, so the newest bytes win."""
+    """Two sealed buffers for one window: FIFO write-out, so the newest bytes win.
+    A write into a window whose buffer is in write-out starts a new buffer;
+    one whose newest buffer is only queued lands there (see queued_open)."""
     io = GatedIO(4)
     stats = Stats()
     try:
@@ -408,11 +429,13 @@ async def test_newer_buffer_for_same_window_lands_last(backing: Path) -> None:
             cf = await attach(cache, backing)
             await cf.write(0, b"1" * 6000)
             cf.start_write_back("fsync")
+            await trio.testing.wait_all_tasks_blocked()  # its write-out is under way
             await cf.write(4000, b"2" * 100)
             cf.start_write_back("fsync")
-            await cf.write(4050, b"3" * 10)
+            await cf.write(4050, b"3" * 10)  # into the second buffer, still queued
             cf.start_write_back("fsync")
-            assert len(cf.queue) == 3
+            assert len(cf.queue) == 2 and not cf.filling
+            assert cf.queue[0].writing and not cf.queue[1].writing
             io.gate.set()
             await cf.fsync(False)
             assert read_direct(backing) == b"1" * 4000 + b"2" * 50 + b"3" * 10 \
@@ -1400,3 +1423,113 @@ async def test_full_window_of_kernel_writeback_is_written_at_once(backing: Path)
         await cf.fsync(False)
         cache.detach(cf)
     assert read_direct(backing) == b"a" * B + b"b" * B
+
+
+# -- gaps past BACKING's end -------------------------------------------------------------
+
+
+async def _dirty_the_pool(cache: WriteCache, tmp_path: Path) -> None:
+    """Leave every pool buffer holding junk, as reused memory does."""
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"")
+    cf = await attach(cache, junk)
+    for window in range(cache.pool.max_buffers):
+        await cf.write(window * B, b"\xff" * B)
+    await cf.fsync(False)
+    cache.detach(cf)
+
+
+async def test_gaps_past_backing_end_are_joined_with_zeros(backing: Path, tmp_path: Path) -> None:
+    """A growing file's window with holes (writes still in flight, as qcow2
+    leaves at an fsync) goes out as one write, its gaps zeros on the disk
+    whatever the reused buffer held."""
+    trace = tmp_path / "trace"
+    io = BackingIO(2, trace_file=trace)
+    stats = Stats()
+    pieces = [(0, 8192), (20480, 28672), (40960, 45000)]  # the last one ends the file
+    async with running_cache(io, stats) as cache:
+        await _dirty_the_pool(cache, tmp_path)
+        cf = await attach(cache, backing)
+        model = bytearray()
+        for s, e in pieces:
+            data = random.Random(s).randbytes(e - s)
+            await cf.write(s, data)
+            model_write(model, s, data)
+        await cf.fsync(False)
+        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        # one O_DIRECT write up to the last block, then that block below EOF
+        assert writes == [(0, 40960), (40960, 45000 - 40960)]
+        assert stats.zero_fill_bytes == (20480 - 8192) + (40960 - 28672)
+        assert read_direct(backing) == bytes(model)
+        cache.detach(cf)
+    io.close()
+
+
+async def test_gaps_inside_the_file_or_too_wide_are_left_alone(
+        backing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gap below BACKING's end would need a read (or would fill a hole of a
+    sparse file); one wider than BRIDGE_LIMIT costs more than a write."""
+    old = random.Random(5).randbytes(10000)
+    backing.write_bytes(old)
+    monkeypatch.setattr("alignfs.write_cache.BRIDGE_LIMIT", 16384)
+    trace = tmp_path / "trace"
+    io = BackingIO(2, trace_file=trace)
+    stats = Stats()
+    # gap [4096, 16384) reaches below EOF (10000); gap [20480, 40960) is
+    # past it but 20480 wide; gap [45056, 53248) is joined
+    pieces = [(0, 4096), (16384, 20480), (40960, 45056), (53248, 57344)]
+    async with running_cache(io, stats) as cache:
+        await _dirty_the_pool(cache, tmp_path)
+        cf = await attach(cache, backing)
+        model = bytearray(old)
+        for s, e in pieces:
+            data = random.Random(s).randbytes(e - s)
+            await cf.write(s, data)
+            model_write(model, s, data)
+        await cf.fsync(False)
+        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        assert writes == [(0, 4096), (16384, 4096), (40960, 57344 - 40960)]
+        assert stats.zero_fill_bytes == 53248 - 45056
+        assert read_direct(backing) == bytes(model)
+        cache.detach(cf)
+    io.close()
+
+
+async def test_late_write_lands_in_its_windows_queued_buffer(
+        backing: Path, tmp_path: Path) -> None:
+    """A write into a window that was sealed but not yet written goes into that
+    buffer and out with it, in one write; a window whose write-out is under
+    way gets a new buffer."""
+    trace = tmp_path / "trace"
+    io = GatedIO(4, trace_file=trace)
+    stats = Stats()
+    model = bytearray()
+    try:
+        async with running_cache(io, stats) as cache:
+            cf = await attach(cache, backing)
+
+            async def write(off: int, data: bytes) -> None:
+                await cf.write(off, data)
+                model_write(model, off, data)
+
+            await write(0, b"a" * 100)
+            await write(B, b"b" * 100)
+            cf.start_write_back("fsync")  # window 0, then window 1
+            await trio.testing.wait_all_tasks_blocked()
+            # window 0 is being written (held at the gate), window 1 waits
+            assert [b.window for b in cf.queue] == [0, B]
+            assert cf.queue[0].writing and not cf.queue[1].writing
+            in_use = cache.pool.in_use
+            await write(B + 200, b"c" * 100)  # window 1: still only queued
+            assert not cf.filling and cache.pool.in_use == in_use
+            await write(50, b"d" * 100)  # window 0: a new buffer
+            assert list(cf.filling) == [0]
+            io.gate.set()
+            await cf.fsync(False)
+            assert read_direct(backing) == bytes(model)
+            writes = [off for name, off, _ in trace_lines(trace) if name == backing.name]
+            assert sorted(writes) == [0, 0, B]  # window 1 went out once
+            cache.detach(cf)
+    finally:
+        io.gate.set()
+        io.close()
