@@ -79,6 +79,10 @@ class Stats:
     zero_fill_bytes: int = _count(
         "zeros written to join writes",
         "Zeros written past BACKING's end to join nearby extents into one write.", "bytes")
+    gap_read_bytes: int = _count(
+        "bytes read to join writes",
+        "Bytes read back from BACKING to join a buffer's nearby extents into one write.",
+        "bytes")
     readahead_hits: int = _count("read-ahead hits", "Reads served from read-ahead data.")
     readahead_bytes: int = _count("bytes read ahead", "Bytes read ahead from BACKING.", "bytes")
     readahead_wasted_bytes: int = _count(

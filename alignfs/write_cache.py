@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 #: A backing key: (st_dev, st_ino) of the backing file.
 Key = tuple[int, int]
 
+#: A run of a buffer's extents joined by reading: (start, end) of the span
+#: read from BACKING, and the gaps in it that the buffer does not cover.
+Span = tuple[int, int, list[tuple[int, int]]]
+
 #: Write-out errors that no retry can fix: an offset beyond the backing
 #: filesystem's maximum file size. The data is dropped and the error reported,
 #: as the kernel's page cache does. Every other error keeps the data buffered
@@ -88,13 +92,14 @@ class LostWrite:
                        f"offset {self.offset} could never be written and were dropped")
 
 
-#: Largest gap past BACKING's end that a write-out fills with zeros to join
-#: the extents on either side into one write. Such a gap reads as zeros
-#: either way, and on a disk that seeks, one write more costs what ~1 MiB of
-#: transfer does (5 ms at the model's 200 IOPS and 150 MiB/s). It is what a
-#: growing qcow2 image leaves at an fsync: qemu's writes to the clusters
-#: just allocated are still in flight, and their holes split the window.
-BRIDGE_LIMIT = 512 << 10
+#: What one more backing I/O costs on a disk that seeks, in bytes of
+#: transfer (5 ms is ~750 KiB at the model's 200 IOPS and 150 MiB/s; a real
+#: HDD's seek and rotation cost more). A write-out joins the extents of a
+#: buffer across a gap when that moves fewer bytes than the writes it saves
+#: would cost (see WriteCache._bridge_past_end and _bridge_by_reading).
+SEEK_BYTES = 512 << 10
+#: Widest gap a write-out fills to join the extents on either side.
+BRIDGE_LIMIT = SEEK_BYTES
 _ZEROS = bytes(BRIDGE_LIMIT)
 
 #: Seconds without a write after which a buffer filled by the kernel's
@@ -910,6 +915,13 @@ class WriteCache:
             self.stats.backing_reads += len(to_read)
             self.stats.backing_read_bytes += len(to_read) * align
         zeros = self._bridge_past_end(cf, window, extents)
+        spans = self._bridge_by_reading(extents)
+        if spans:
+            await self.io.data(self._read_gaps, cf, buf, spans)
+            self.stats.backing_reads += len(spans)
+            read = sum(e - s for s, e, _ in spans)
+            self.stats.backing_read_bytes += read
+            self.stats.gap_read_bytes += read
         # The file's size now: truncate waits for the lock this write-out holds,
         # so it can only grow meanwhile, by writes to other buffers.
         plan = self._plan_writes(cf, window, extents, cf.size)
@@ -952,6 +964,53 @@ class WriteCache:
         if zeros:
             self.stats.zero_fill_bytes += sum(e - s for s, e in zeros)
         return zeros
+
+    @staticmethod
+    def _bridge_by_reading(extents: list[list[int]]) -> list[Span]:
+        """Join runs of aligned *extents* (in place) whose gaps, each at most
+        BRIDGE_LIMIT, would cost more as separate writes than one read of the
+        run's span plus writing the gaps back; return each such span with its
+        gaps, to be filled from BACKING before the write.
+
+        A window that was written and then gets late writes all over (qcow2
+        after an fsync: the data of the clusters whose COW parts it had just
+        written as zeros) used to go out as dozens of small writes, a seek
+        each. Run of k+1 extents: k - 1 I/Os saved (k writes, less the read)
+        against the span read and the gaps written again.
+        """
+        spans: list[Span] = []
+        joined: list[list[int]] = []
+        i, n = 0, len(extents)
+        while i < n:
+            j = i
+            while j + 1 < n and extents[j + 1][0] - extents[j][1] <= BRIDGE_LIMIT:
+                j += 1
+            gaps = [(extents[k][1], extents[k + 1][0]) for k in range(i, j)]
+            moved = (extents[j][0] - extents[i][1]) + sum(e - s for s, e in gaps)
+            if len(gaps) >= 2 and (len(gaps) - 1) * SEEK_BYTES > moved:
+                spans.append((extents[i][1], extents[j][0], gaps))
+                joined.append([extents[i][0], extents[j][1]])
+            else:
+                joined.extend(extents[i:j + 1])
+            i = j + 1
+        extents[:] = joined
+        return spans
+
+    def _read_gaps(self, cf: CachedFile, buf: Buffer, spans: list[Span]) -> None:
+        """Worker thread: read each span of BACKING and copy its gaps (bytes the
+        buffer does not cover) into the buffer; past BACKING's end, zeros."""
+        for start, end, gaps in spans:
+            scratch = mmap.mmap(-1, end - start)
+            view = memoryview(scratch)
+            try:
+                n = self.io.pread_into(cf.fd, view, buf.window + start, cf.name)
+                if n < len(view):
+                    view[n:] = bytes(len(view) - n)
+                for gs, ge in gaps:
+                    buf.view[gs:ge] = view[gs - start:ge - start]
+            finally:
+                view.release()
+                scratch.close()
 
     def _gaps_in_holes(self, cf: CachedFile, buf: Buffer, block: int) -> bool:
         """The bytes of *block* the buffer lacks are all in known holes (zeros)."""

@@ -1467,8 +1467,9 @@ async def test_gaps_past_backing_end_are_joined_with_zeros(backing: Path, tmp_pa
 
 async def test_gaps_inside_the_file_or_too_wide_are_left_alone(
         backing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A gap below BACKING's end would need a read (or would fill a hole of a
-    sparse file); one wider than BRIDGE_LIMIT costs more than a write."""
+    """A lone gap below BACKING's end would need a read costing what the
+    write it saves does (or would fill a hole of a sparse file); one wider
+    than BRIDGE_LIMIT costs more than a write."""
     old = random.Random(5).randbytes(10000)
     backing.write_bytes(old)
     monkeypatch.setattr("alignfs.write_cache.BRIDGE_LIMIT", 16384)
@@ -1533,3 +1534,42 @@ async def test_late_write_lands_in_its_windows_queued_buffer(
     finally:
         io.gate.set()
         io.close()
+
+
+async def test_late_writes_all_over_a_written_window_go_out_as_one_write(
+        backing: Path, tmp_path: Path) -> None:
+    """Many small extents close together inside the file (qcow2's late writes
+    to a window an fsync wrote): one read of their span, one write."""
+    old = random.Random(7).randbytes(B)
+    backing.write_bytes(old)
+    trace = tmp_path / "trace"
+    io = BackingIO(2, trace_file=trace)
+    stats = Stats()
+    model = bytearray(old)
+    pieces = [(4096, 8192), (16384, 20480), (24576, 36864), (49152, 53248)]
+    async with running_cache(io, stats) as cache:
+        await _dirty_the_pool(cache, tmp_path)
+        cf = await attach(cache, backing)
+        for s, e in pieces:
+            data = random.Random(s).randbytes(e - s)
+            await cf.write(s, data)
+            model_write(model, s, data)
+        reads = stats.backing_reads
+        await cf.fsync(False)
+        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        assert writes == [(4096, 53248 - 4096)]
+        assert stats.backing_reads == reads + 1
+        assert stats.gap_read_bytes == 49152 - 8192
+        assert read_direct(backing) == bytes(model)
+        # two extents: a read would cost what the one write it saves does
+        await cf.write(0, b"x" * 4096)
+        await cf.write(12288, b"y" * 4096)
+        model_write(model, 0, b"x" * 4096)
+        model_write(model, 12288, b"y" * 4096)
+        await cf.fsync(False)
+        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        assert writes[1:] == [(0, 4096), (12288, 4096)]
+        assert stats.backing_reads == reads + 1
+        assert read_direct(backing) == bytes(model)
+        cache.detach(cf)
+    io.close()
