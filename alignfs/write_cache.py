@@ -45,6 +45,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from itertools import chain
+from typing import NamedTuple
 
 import trio
 
@@ -60,9 +61,19 @@ log = logging.getLogger(__name__)
 #: A backing key: (st_dev, st_ino) of the backing file.
 Key = tuple[int, int]
 
-#: A run of a buffer's extents joined by reading: (start, end) of the span
-#: read from BACKING, and the gaps in it that the buffer does not cover.
-Span = tuple[int, int, list[tuple[int, int]]]
+
+class Span(NamedTuple):
+    """A run of a buffer's extents to join by reading (WriteCache._bridge_by_reading)."""
+
+    #: What is read from BACKING (buffer offsets).
+    start: int
+    end: int
+    #: The gaps in it that the buffer does not cover.
+    gaps: list[tuple[int, int]]
+    #: The run: extents[first:last + 1].
+    first: int
+    last: int
+
 
 #: Write-out errors that no retry can fix: an offset beyond the backing
 #: filesystem's maximum file size. The data is dropped and the error reported,
@@ -917,9 +928,10 @@ class WriteCache:
         zeros = self._bridge_past_end(cf, window, extents)
         spans = self._bridge_by_reading(extents)
         if spans:
-            await self.io.data(self._read_gaps, cf, buf, spans)
+            spans = await self.io.data(self._read_gaps, cf, buf, spans)
+            self._join_runs(extents, spans)
             self.stats.backing_reads += len(spans)
-            read = sum(e - s for s, e, _ in spans)
+            read = sum(span.end - span.start for span in spans)
             self.stats.backing_read_bytes += read
             self.stats.gap_read_bytes += read
         # The file's size now: truncate waits for the lock this write-out holds,
@@ -967,10 +979,10 @@ class WriteCache:
 
     @staticmethod
     def _bridge_by_reading(extents: list[list[int]]) -> list[Span]:
-        """Join runs of aligned *extents* (in place) whose gaps, each at most
-        BRIDGE_LIMIT, would cost more as separate writes than one read of the
-        run's span plus writing the gaps back; return each such span with its
-        gaps, to be filled from BACKING before the write.
+        """Runs of aligned *extents* whose gaps, each at most BRIDGE_LIMIT,
+        would cost more as separate writes than one read of the run's span
+        plus writing the gaps back: each as its span, its gaps and the range
+        of *extents* it joins (see _join_runs).
 
         A window that was written and then gets late writes all over (qcow2
         after an fsync: the data of the clusters whose COW parts it had just
@@ -979,7 +991,6 @@ class WriteCache:
         against the span read and the gaps written again.
         """
         spans: list[Span] = []
-        joined: list[list[int]] = []
         i, n = 0, len(extents)
         while i < n:
             j = i
@@ -988,29 +999,42 @@ class WriteCache:
             gaps = [(extents[k][1], extents[k + 1][0]) for k in range(i, j)]
             moved = (extents[j][0] - extents[i][1]) + sum(e - s for s, e in gaps)
             if len(gaps) >= 2 and (len(gaps) - 1) * SEEK_BYTES > moved:
-                spans.append((extents[i][1], extents[j][0], gaps))
-                joined.append([extents[i][0], extents[j][1]])
-            else:
-                joined.extend(extents[i:j + 1])
+                spans.append(Span(extents[i][1], extents[j][0], gaps, i, j))
             i = j + 1
-        extents[:] = joined
         return spans
 
-    def _read_gaps(self, cf: CachedFile, buf: Buffer, spans: list[Span]) -> None:
-        """Worker thread: read each span of BACKING and copy its gaps (bytes the
-        buffer does not cover) into the buffer; past BACKING's end, zeros."""
-        for start, end, gaps in spans:
-            scratch = mmap.mmap(-1, end - start)
+    @staticmethod
+    def _join_runs(extents: list[list[int]], spans: list[Span]) -> None:
+        """Merge each span's run of *extents* into one extent (in place)."""
+        for span in reversed(spans):
+            i, j = span.first, span.last
+            extents[i:j + 1] = [[extents[i][0], extents[j][1]]]
+
+    def _read_gaps(self, cf: CachedFile, buf: Buffer, spans: list[Span]) -> list[Span]:
+        """Worker thread: for each span, read it from BACKING and copy its gaps
+        (bytes the buffer does not cover) into the buffer; past BACKING's
+        end, zeros. A span with a hole of BACKING in a gap is left out (the
+        joined write would fill the hole: a sparse file stays sparse).
+        Returns the spans whose gaps were filled."""
+        filled = []
+        eof = os.fstat(cf.fd).st_size
+        for span in spans:
+            if any(_has_hole(cf.fd, buf.window + gs, min(buf.window + ge, eof))
+                   for gs, ge in span.gaps):
+                continue
+            scratch = mmap.mmap(-1, span.end - span.start)
             view = memoryview(scratch)
             try:
-                n = self.io.pread_into(cf.fd, view, buf.window + start, cf.name)
+                n = self.io.pread_into(cf.fd, view, buf.window + span.start, cf.name)
                 if n < len(view):
                     view[n:] = bytes(len(view) - n)
-                for gs, ge in gaps:
-                    buf.view[gs:ge] = view[gs - start:ge - start]
+                for gs, ge in span.gaps:
+                    buf.view[gs:ge] = view[gs - span.start:ge - span.start]
             finally:
                 view.release()
                 scratch.close()
+            filled.append(span)
+        return filled
 
     def _gaps_in_holes(self, cf: CachedFile, buf: Buffer, block: int) -> bool:
         """The bytes of *block* the buffer lacks are all in known holes (zeros)."""
@@ -1185,6 +1209,17 @@ def _kept_buffered(cf: CachedFile, exc: OSError) -> OSError:
         return exc
     return OSError(exc.errno, f"{exc.strerror or exc}: {cf.buffered_bytes()} bytes from "
                    f"offset {min(starts)} are kept buffered, not written")
+
+
+def _has_hole(fd: int, start: int, end: int) -> bool:
+    """Worker thread: whether BACKING has a hole in ``[start, end)`` (below
+    its end; past it there is nothing to keep sparse)."""
+    if start >= end:
+        return False
+    try:
+        return os.lseek(fd, start, os.SEEK_HOLE) < end
+    except OSError:  # ENXIO: start is at or past the end
+        return False
 
 
 #: At most this many holes are remembered per file (a fragmented sparse file

@@ -1573,3 +1573,32 @@ async def test_late_writes_all_over_a_written_window_go_out_as_one_write(
         assert read_direct(backing) == bytes(model)
         cache.detach(cf)
     io.close()
+
+
+async def test_a_run_over_holes_of_a_sparse_file_is_not_joined(
+        backing: Path, tmp_path: Path) -> None:
+    """Joining by reading would write the gaps back: over a hole that would
+    fill it, so such a run goes out as its extents."""
+    with open(backing, "wb") as f:
+        f.write(b"h" * 4096)
+        f.truncate(B)  # a hole from 4096 to the end
+    trace = tmp_path / "trace"
+    io = BackingIO(2, trace_file=trace)
+    stats = Stats()
+    model = bytearray(b"h" * 4096 + bytes(B - 4096))
+    pieces = [(8192, 12288), (16384, 20480), (24576, 28672), (32768, 36864)]
+    async with running_cache(io, stats) as cache:
+        cf = await attach(cache, backing)
+        for s, e in pieces:
+            data = random.Random(s).randbytes(e - s)
+            await cf.write(s, data)
+            model_write(model, s, data)
+        await cf.fsync(False)
+        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        assert writes == [(s, e - s) for s, e in pieces]
+        assert stats.gap_read_bytes == 0
+        assert read_direct(backing) == bytes(model)
+        with open(backing, "rb") as f:
+            assert os.lseek(f.fileno(), 12288, os.SEEK_HOLE) == 12288  # still a hole
+        cache.detach(cf)
+    io.close()
