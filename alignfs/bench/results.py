@@ -363,7 +363,7 @@ class RowResult:
         """Short warnings for the table's notes column."""
         out = list(self.notes) + self.target_results()
         touch, pool = self.pool_touch_per_gib, self.pool_bytes
-        if touch is not None and touch >= 0.005 and pool:
+        if touch is not None and touch >= 0.05 and pool:
             out.append(f"CPU includes {touch:.2f} s/GiB first touch of the daemon's "
                        f"{pool / (1 << 20):.0f} MiB buffer pool (once per mount)")
         ahead = self.readahead_bytes
