@@ -95,6 +95,11 @@ class BufferPool:
         return self._allocated - self._growing - len(self._free)
 
     @property
+    def growing(self) -> int:
+        """Buffers being made (see :meth:`grow`)."""
+        return self._growing
+
+    @property
     def made(self) -> int:
         """Buffers in existence (free, in use, or being made)."""
         return self._allocated

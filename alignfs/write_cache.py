@@ -781,14 +781,15 @@ class WriteCache:
             self._on_backing_changed(key)
 
     def _memory_coming_back(self) -> bool:
-        """Some sealed buffer is being written out: waiting frees memory.
+        """Some sealed buffer is being written out, or the pool is making a
+        buffer: waiting gives memory back.
 
         Then a writer waits rather than sealing a filling buffer early: under a
         slow disk that would split the stream's windows into small writes
         (each one more IOPS) exactly when the disk is the bottleneck.
         """
-        return any(cf.flushing and cf.queue and cf.error is None
-                   for cf in self.files.values())
+        return self.pool.growing > 0 or any(cf.flushing and cf.queue and cf.error is None
+                                            for cf in self.files.values())
 
     def _stuck_buffers(self) -> int:
         """Buffers held by files whose write-out is failing.

@@ -1428,6 +1428,19 @@ async def test_full_window_of_kernel_writeback_is_written_at_once(backing: Path)
 # -- gaps past BACKING's end -------------------------------------------------------------
 
 
+async def _write_pieces(cf, model: bytearray, pieces: list[tuple[int, int]]) -> None:
+    """Write random bytes to each ``[start, end)`` of *pieces*, and to *model*."""
+    for start, end in pieces:
+        data = random.Random(start).randbytes(end - start)
+        await cf.write(start, data)
+        model_write(model, start, data)
+
+
+def _writes_to(trace: Path, path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of each backing write to *path*, in order."""
+    return [(off, n) for name, off, n in trace_lines(trace) if name == path.name]
+
+
 async def _dirty_the_pool(cache: WriteCache, tmp_path: Path) -> None:
     """Leave every pool buffer holding junk, as reused memory does."""
     junk = tmp_path / "junk"
@@ -1451,12 +1464,9 @@ async def test_gaps_past_backing_end_are_joined_with_zeros(backing: Path, tmp_pa
         await _dirty_the_pool(cache, tmp_path)
         cf = await attach(cache, backing)
         model = bytearray()
-        for s, e in pieces:
-            data = random.Random(s).randbytes(e - s)
-            await cf.write(s, data)
-            model_write(model, s, data)
+        await _write_pieces(cf, model, pieces)
         await cf.fsync(False)
-        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        writes = _writes_to(trace, backing)
         # one O_DIRECT write up to the last block, then that block below EOF
         assert writes == [(0, 40960), (40960, 45000 - 40960)]
         assert stats.zero_fill_bytes == (20480 - 8192) + (40960 - 28672)
@@ -1483,12 +1493,9 @@ async def test_gaps_inside_the_file_or_too_wide_are_left_alone(
         await _dirty_the_pool(cache, tmp_path)
         cf = await attach(cache, backing)
         model = bytearray(old)
-        for s, e in pieces:
-            data = random.Random(s).randbytes(e - s)
-            await cf.write(s, data)
-            model_write(model, s, data)
+        await _write_pieces(cf, model, pieces)
         await cf.fsync(False)
-        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        writes = _writes_to(trace, backing)
         assert writes == [(0, 4096), (16384, 4096), (40960, 57344 - 40960)]
         assert stats.zero_fill_bytes == 53248 - 45056
         assert read_direct(backing) == bytes(model)
@@ -1550,13 +1557,10 @@ async def test_late_writes_all_over_a_written_window_go_out_as_one_write(
     async with running_cache(io, stats) as cache:
         await _dirty_the_pool(cache, tmp_path)
         cf = await attach(cache, backing)
-        for s, e in pieces:
-            data = random.Random(s).randbytes(e - s)
-            await cf.write(s, data)
-            model_write(model, s, data)
+        await _write_pieces(cf, model, pieces)
         reads = stats.backing_reads
         await cf.fsync(False)
-        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        writes = _writes_to(trace, backing)
         assert writes == [(4096, 53248 - 4096)]
         assert stats.backing_reads == reads + 1
         assert stats.gap_read_bytes == 49152 - 8192
@@ -1567,7 +1571,7 @@ async def test_late_writes_all_over_a_written_window_go_out_as_one_write(
         model_write(model, 0, b"x" * 4096)
         model_write(model, 12288, b"y" * 4096)
         await cf.fsync(False)
-        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        writes = _writes_to(trace, backing)
         assert writes[1:] == [(0, 4096), (12288, 4096)]
         assert stats.backing_reads == reads + 1
         assert read_direct(backing) == bytes(model)
@@ -1589,12 +1593,9 @@ async def test_a_run_over_holes_of_a_sparse_file_is_not_joined(
     pieces = [(8192, 12288), (16384, 20480), (24576, 28672), (32768, 36864)]
     async with running_cache(io, stats) as cache:
         cf = await attach(cache, backing)
-        for s, e in pieces:
-            data = random.Random(s).randbytes(e - s)
-            await cf.write(s, data)
-            model_write(model, s, data)
+        await _write_pieces(cf, model, pieces)
         await cf.fsync(False)
-        writes = [(off, n) for name, off, n in trace_lines(trace) if name == backing.name]
+        writes = _writes_to(trace, backing)
         assert writes == [(s, e - s) for s, e in pieces]
         assert stats.gap_read_bytes == 0
         assert read_direct(backing) == bytes(model)
@@ -1602,3 +1603,24 @@ async def test_a_run_over_holes_of_a_sparse_file_is_not_joined(
             assert os.lseek(f.fileno(), 12288, os.SEEK_HOLE) == 12288  # still a hole
         cache.detach(cf)
     io.close()
+
+
+async def test_writer_arriving_while_the_pool_grows_waits_instead_of_failing(
+        tmp_path: Path) -> None:
+    """Every slot of the pool is being made (on worker threads) when a third
+    writer needs memory: nothing is filling or being written yet, but memory
+    is coming, so it waits (it used to fail with ENOMEM)."""
+    io = InlineIO(1)  # growth still yields once before making the buffer
+    stats = Stats()
+    paths = [tmp_path / f"f{i}" for i in range(3)]
+    for path in paths:
+        path.write_bytes(b"")
+    async with running_cache(io, stats, max_dirty=2 * B, buffers_per_file=1) as cache:
+        files = [await attach(cache, path) for path in paths]
+        async with trio.open_nursery() as nursery:
+            for i, cf in enumerate(files):
+                nursery.start_soon(cf.write, 0, bytes([65 + i]) * 100)
+        for cf in files:
+            await cf.fsync(False)
+            cache.detach(cf)
+    assert [p.read_bytes() for p in paths] == [bytes([65 + i]) * 100 for i in range(3)]
