@@ -4,13 +4,15 @@ Every file being written gets a :class:`CachedFile`. Its bytes are collected in
 fixed windows of ``buffer_size`` (window ``k`` covers file offsets
 ``[k*B, (k+1)*B)``), each held by a page-aligned :class:`Buffer` from the
 shared :class:`~alignfs.buffer_pool.BufferPool`. Writes fill buffers in any
-order; a buffer is *sealed* (no more writes) when the file needs a new
-window and already fills ``buffers_per_file`` (full buffers first: they are
-kept until then, see ``_seal_one_of``), when it is older
+order; a buffer is *sealed* (queued for write-out; until that starts, only
+a late write to its window still lands there, see ``queued_open``) when the
+file needs a new window and already fills ``buffers_per_file`` (full buffers
+first: they are kept until then, see ``_seal_one_of``), when it is older
 than ``flush_delay``, under memory pressure, on fsync/close and at unmount.
 Sealed buffers are written by one flusher task per file, strictly in order
 (FIFO), so a newer buffer for a window always lands after an older one. A
-write is one aligned O_DIRECT ``pwrite`` per contiguous extent; only blocks
+write is one aligned O_DIRECT ``pwrite`` per contiguous extent, extents close
+together joined first when that saves seeks (``SEEK_BYTES``); only blocks
 that are partly covered are read back first (read-modify-write). BACKING is
 never made larger than the file, not even for a moment: the part of a last
 block below EOF goes through a buffered descriptor (see ``_plan_writes``).
@@ -21,8 +23,9 @@ wait, and its growth: a new buffer is made on a worker thread), thread hops
 for backing I/O, and ``CachedFile.lock``, which is held for every operation
 that changes the backing file (a buffer's write-out, truncate) so
 those never overlap for one file. Worker threads touch a sealed buffer's
-memory only, and only its uncovered bytes (filled by read-modify-write) and
-for the pwrite; readers copy covered bytes only.
+memory only once its write-out started (``Buffer.writing``), and only its
+uncovered bytes (filled by read-modify-write, or for a join) and for the
+pwrite; readers copy covered bytes only.
 
 Errors: a failed write-out leaves the buffer at the head of the queue and
 stops the flusher; the file then refuses writes with that error until a retry
@@ -148,7 +151,7 @@ class Buffer:
         #: True once in the file's write-out queue.
         self.sealed = False
         #: True once a write-out of it started: from then on nothing more lands
-        #: here (until then a late write may, see CachedFile.open_buffer).
+        #: here (until then a late write may, see CachedFile.queued_open).
         self.writing = False
         #: True once written to BACKING (or dropped) and returned to the pool.
         self.done = False
