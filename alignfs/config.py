@@ -29,6 +29,10 @@ DEFAULT_MAX_DIRTY = 256 * MiB
 #: plus qcow2's metadata window fit whatever --buffer-size is (8M: 4 buffers).
 DEFAULT_SPAN_PER_FILE = 32 * MiB
 MIN_BUFFERS_PER_FILE = 4
+#: Default sealed buffers one file may have waiting for (or in) write-out:
+#: enough to keep a disk streaming (one is written at a time), little enough
+#: that a stream outrunning a slow disk does not hold all of --max-dirty.
+DEFAULT_WRITEOUT_QUEUE = 4
 DEFAULT_FLUSH_DELAY = 5.0
 DEFAULT_IO_THREADS = 8
 DEFAULT_READAHEAD = 8 * MiB
@@ -106,6 +110,10 @@ class MountConfig:
         None, COUNT, "buffers one file may fill at once",
         default_text=f"enough for {compact_size(DEFAULT_SPAN_PER_FILE)} of the file, at "
         f"least {MIN_BUFFERS_PER_FILE}, at most half of --max-dirty")
+    writeout_queue: int = option(
+        DEFAULT_WRITEOUT_QUEUE, COUNT, "buffers one file may have queued for the disk (the "
+        "one being written included); a writer needing another waits for the disk "
+        "(0 = only --max-dirty bounds it)")
     flush_delay: float = option(
         DEFAULT_FLUSH_DELAY, SECONDS, "write a partly filled buffer after this long")
     #: Direct-I/O alignment; None means detect it from BACKING.
@@ -165,6 +173,8 @@ class MountConfig:
             raise ConfigError("--buffer-size must not exceed 256M")
         if self.buffers_per_file is not None and self.buffers_per_file < 1:
             raise ConfigError("--buffers-per-file must be at least 1")
+        if self.writeout_queue < 0:
+            raise ConfigError("--writeout-queue must be 0 (no bound) or more")
         if self.max_dirty < 2 * self.buffer_size:
             raise ConfigError(
                 f"--max-dirty ({format_size(self.max_dirty)}) must hold at least two "

@@ -101,6 +101,7 @@ class Daemon:
                    backing=str(self.config.backing), buffer_size=self.config.buffer_size,
                    max_dirty=self.config.max_dirty, align=self.align,
                    buffers_per_file=self.config.effective_buffers_per_file,
+                   writeout_queue=self.config.writeout_queue,
                    open_files=len(self.cache.files) if self.cache else 0,
                    status_file=str(self.status_file) if self.status_file else None)
         return out
@@ -290,7 +291,8 @@ class Daemon:
             async with readahead_running as readahead, WriteCache.running(
                     io, self.stats, buffer_size=cfg.buffer_size, max_dirty=cfg.max_dirty,
                     buffers_per_file=cfg.effective_buffers_per_file,
-                    flush_delay=cfg.flush_delay, align=self.align, sync_fd=sync_fd,
+                    writeout_queue=cfg.writeout_queue, flush_delay=cfg.flush_delay,
+                    align=self.align, sync_fd=sync_fd,
                     on_backing_changed=readahead.invalidate if readahead else None) as cache:
                 self.cache = cache
                 st = os.stat(cfg.mountpoint)

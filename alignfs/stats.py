@@ -109,7 +109,8 @@ class Stats:
         "CPU seconds spent faulting in new write buffers: once per buffer per mount.", 0.0)
     writer_wait_seconds: float = _field(
         "counter", "seconds", "writer wait (s)",
-        "Seconds writers waited for buffer memory (--max-dirty).", 0.0)
+        "Seconds writers waited for buffer memory (--max-dirty) or for their file's "
+        "write-out queue (--writeout-queue): the disk is behind.", 0.0)
     flushes: dict[str, int] = _field(
         "counter", "count", "buffer flushes by cause",
         "Buffers written to BACKING, by the reason they were written.",

@@ -560,7 +560,7 @@ class WriteCache:
 
     def __init__(self, io: BackingIO, stats: Stats, *, buffer_size: int, max_dirty: int,
                  buffers_per_file: int, flush_delay: float, align: int,
-                 sync_fd: int | None = None,
+                 writeout_queue: int = 0, sync_fd: int | None = None,
                  on_backing_changed: Callable[[Key], None] | None = None) -> None:
         self.io = io
         #: A descriptor on BACKING for syncfs (flush/unmount), or None.
@@ -568,6 +568,10 @@ class WriteCache:
         self.stats = stats
         self.buffer_size = buffer_size
         self.buffers_per_file = buffers_per_file
+        #: Most buffers one file may have sealed and not yet written (the one
+        #: being written included) before its writers wait; 0: no bound but
+        #: the pool's (see _queue_is_full).
+        self.writeout_queue = writeout_queue
         self.flush_delay = flush_delay
         #: Direct-I/O alignment of BACKING; 0 if it has no O_DIRECT.
         self.align = align or 4096
@@ -707,6 +711,11 @@ class WriteCache:
             if cf.error is not None and refuse_failing:
                 raise again(cf.error)
             if len(cf.filling) >= self.buffers_per_file:
+                if self._queue_is_full(cf):
+                    if waited_since is None:
+                        waited_since = trio.current_time()
+                    await cf.progress.park()
+                    continue
                 self._seal_one_of(cf)
             mem = self.pool.try_take()
             if mem is not None:
@@ -738,6 +747,20 @@ class WriteCache:
         if waited_since is not None:
             self.stats.writer_wait_seconds += trio.current_time() - waited_since
         return buf
+
+    def _queue_is_full(self, cf: CachedFile) -> bool:
+        """Sealing one more of *cf*'s buffers would pass --writeout-queue while
+        its flusher makes progress: the writer waits for the disk instead.
+
+        A stream that outruns the disk gains nothing from a longer queue (the
+        flusher writes one buffer at a time anyway); it would only take more
+        memory (each new buffer a first touch), and make every fsync of the
+        file wait for all of it. Not while the file's write-out fails (its
+        writers get the error) or its flusher is not running: then nothing
+        would wake the writer.
+        """
+        return (0 < self.writeout_queue <= len(cf.queue) and cf.flushing
+                and cf.error is None)
 
     def _seal_one_of(self, cf: CachedFile) -> None:
         """The file needs a new window but fills buffers_per_file: write one out.

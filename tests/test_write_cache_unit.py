@@ -631,6 +631,97 @@ async def test_backpressure_writer_waits_for_write_out_and_never_fails(
         io.gate.set()
 
 
+def _window(k: int) -> bytes:
+    return bytes([48 + k]) * B
+
+
+async def _fill_three_windows(cf) -> None:
+    """Windows 0..2, one buffer filling at a time (buffers_per_file=1): 0 and 1
+    sealed (0 held at the gate), 2 filling."""
+    for k in range(3):
+        await cf.write(k * B, _window(k))
+    assert len(cf.queue) == 2
+
+
+async def test_writeout_queue_makes_a_stream_wait_for_the_disk_not_for_memory(
+        backing: Path) -> None:
+    """--writeout-queue: a stream that outruns the disk waits once its file has
+    that many buffers sealed, though the pool has memory to spare."""
+    io = GatedIO(4)
+    stats = Stats()
+    async with running_cache(io, stats, max_dirty=8 * B, buffers_per_file=1,
+                             writeout_queue=2) as cache:
+        cf = await attach(cache, backing)
+        await _fill_three_windows(cf)
+        finished = []
+
+        async def fourth() -> None:
+            await cf.write(3 * B, _window(3))
+            finished.append(3)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fourth)
+            await trio.testing.wait_all_tasks_blocked()
+            assert finished == []
+            assert len(cf.queue) == 2
+            assert cache.pool.made == 3
+            io.gate.set()
+        assert finished == [3]
+        assert cache.pool.made == 3  # window 3 reused window 0's memory
+        assert stats.writer_wait_seconds > 0
+        await cf.fsync(False)
+        assert read_direct(backing) == b"".join(_window(k) for k in range(4))
+        cache.detach(cf)
+
+
+async def test_without_a_writeout_queue_bound_the_stream_takes_more_memory(
+        backing: Path) -> None:
+    """The same stream with --writeout-queue 0: only the pool bounds it."""
+    io = GatedIO(4)
+    async with running_cache(io, Stats(), max_dirty=8 * B, buffers_per_file=1,
+                             writeout_queue=0) as cache:
+        cf = await attach(cache, backing)
+        await _fill_three_windows(cf)
+        await cf.write(3 * B, _window(3))
+        assert len(cf.queue) == 3
+        assert cache.pool.made == 4
+        io.gate.set()
+        await cf.fsync(False)
+        cache.detach(cf)
+
+
+async def test_writer_waiting_for_the_writeout_queue_gets_the_files_error(
+        backing: Path, tmp_path: Path) -> None:
+    """The write-out the writer waits for fails: the writer fails with it, and
+    the file's data is kept for the retry."""
+    faults = tmp_path / "faults.json"
+    io = GatedIO(4, fault_file=faults)
+    async with running_cache(io, Stats(), max_dirty=8 * B, buffers_per_file=1,
+                             writeout_queue=2) as cache:
+        cf = await attach(cache, backing)
+        await _fill_three_windows(cf)
+        raised: list[OSError] = []
+
+        async def fourth() -> None:
+            try:
+                await cf.write(3 * B, _window(3))
+            except OSError as exc:
+                raised.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fourth)
+            await trio.testing.wait_all_tasks_blocked()
+            assert raised == []
+            set_faults(faults, {"write": "EIO"})
+            io.gate.set()
+        assert [e.errno for e in raised] == [errno.EIO]
+        assert 3 * B not in cf.filling
+        set_faults(faults, None)
+        await cf.fsync(False)
+        assert read_direct(backing) == b"".join(_window(k) for k in range(3))
+        cache.detach(cf)
+
+
 async def test_pressure_seals_oldest_filling_buffer_of_another_file(tmp_path: Path) -> None:
     paths = [tmp_path / f"p{i}" for i in range(3)]
     for p in paths:
