@@ -1,4 +1,4 @@
-"""A cheaper lock for pyfuse3's request loop.
+"""A cheaper lock and a cheaper readiness wait for pyfuse3's request loop.
 
 pyfuse3 lets one task at a time wait for the next FUSE request: each of its
 worker tasks takes a ``trio.Lock``, waits for /dev/fuse to be readable, reads
@@ -12,14 +12,20 @@ pyfuse3 reaches trio through its module global ``pyfuse3.trio`` (its own
 ``pyfuse3.asyncio`` swaps that global the same way). :func:`install` replaces
 it with a view of trio whose ``Lock`` is :class:`ReadLock`: no checkpoint when
 uncontended, and no waiter woken by a release the releasing task undoes
-before the scheduler next waits for I/O. Waiting for the FUSE descriptor
-still checkpoints on every request, so the loop keeps yielding to other tasks
+before the scheduler next waits for I/O. Its ``lowlevel.wait_readable`` (see
+:class:`_LowlevelForPyfuse3`) answers from one ``poll`` when a request is
+queued already, instead of a trip through trio's epoll manager; measured
+side by side, that took the serving thread of ``qemu-img bench -w -t none``
+qcow2 (64 requests in flight) from 1.67 to 1.50 CPU s/GiB, and made no
+difference at one request in flight. Waiting for the FUSE descriptor still
+checkpoints on every request, so the loop keeps yielding to other tasks
 exactly as often.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import Awaitable, Generator
 from types import TracebackType
 from typing import Any
@@ -125,10 +131,47 @@ def _nothing() -> None:
     pass
 
 
+class _LowlevelForPyfuse3:
+    """``trio.lowlevel`` as pyfuse3 sees it: with :meth:`wait_readable` that
+    skips the I/O manager while a request is waiting already."""
+
+    def __init__(self) -> None:
+        #: One poll object per descriptor asked about (pyfuse3: just /dev/fuse).
+        self._polls: dict[int, select.poll] = {}
+
+    async def wait_readable(self, fd: int) -> None:
+        """Return once *fd* is readable; a checkpoint either way.
+
+        trio's own ``wait_readable`` arms the descriptor in epoll
+        (``epoll_ctl``), parks the task, and reschedules it from the events of
+        the next ``epoll_wait``: a trip through its I/O manager for every FUSE
+        request. Under load a request is nearly always queued already; then
+        one ``poll`` of the descriptor with no timeout says so, and a plain
+        checkpoint lets every other runnable task run before the request is
+        read, as the trip would have. Otherwise (idle, or the descriptor is
+        closing or in error) trio's way, which also raises what it raises.
+        """
+        poller = self._polls.get(fd)
+        if poller is None:
+            poller = self._polls[fd] = select.poll()
+            poller.register(fd, select.POLLIN)
+        if poller.poll(0) == [(fd, select.POLLIN)]:
+            await trio.lowlevel.checkpoint()
+            return
+        await trio.lowlevel.wait_readable(fd)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio.lowlevel, name)
+
+
 class _TrioForPyfuse3:
-    """trio as pyfuse3 sees it: the real module, but with :class:`ReadLock`."""
+    """trio as pyfuse3 sees it: the real module, but with :class:`ReadLock`
+    and :meth:`_LowlevelForPyfuse3.wait_readable`."""
 
     Lock = ReadLock
+
+    def __init__(self) -> None:
+        self.lowlevel = _LowlevelForPyfuse3()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)

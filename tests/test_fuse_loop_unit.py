@@ -1,6 +1,10 @@
-"""The lock alignfs gives pyfuse3's request loop (alignfs/fuse_loop.py)."""
+"""The lock and the readiness wait alignfs gives pyfuse3's request loop
+(alignfs/fuse_loop.py)."""
 
 from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
 
 import pyfuse3
 import pytest
@@ -143,8 +147,88 @@ def test_install_swaps_pyfuse3s_trio_once(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(pyfuse3, "trio", trio)
     assert fuse_loop.install()
     assert pyfuse3.trio.Lock is fuse_loop.ReadLock  # type: ignore[attr-defined]
-    assert pyfuse3.trio.lowlevel is trio.lowlevel  # type: ignore[attr-defined]
+    lowlevel = pyfuse3.trio.lowlevel  # type: ignore[attr-defined]
+    assert isinstance(lowlevel, fuse_loop._LowlevelForPyfuse3)
+    assert lowlevel.notify_closing is trio.lowlevel.notify_closing  # the rest is trio's
     assert fuse_loop.install()  # idempotent
     assert pyfuse3.trio.Lock is fuse_loop.ReadLock  # type: ignore[attr-defined]
     monkeypatch.setattr(pyfuse3, "trio", object())  # a pyfuse3 without the seam
     assert not fuse_loop.install()
+
+
+# -- waiting for /dev/fuse -------------------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A stand-in for /dev/fuse: requests are bytes sent to the first socket."""
+    a, b = socket.socketpair()
+    with a, b:
+        yield a, b
+
+
+@pytest.fixture
+def trio_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Descriptors passed to trio's own wait_readable (which still does the waiting)."""
+    calls: list[int] = []
+    real = trio.lowlevel.wait_readable
+
+    async def recording(fd: int) -> None:
+        calls.append(fd)
+        await real(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", recording)
+    return calls
+
+
+async def test_queued_request_skips_trios_io_manager_but_still_checkpoints(
+        pair: tuple[socket.socket, socket.socket], trio_waits: list[int]) -> None:
+    queue, fuse = pair
+    queue.send(b"request")
+    lowlevel = fuse_loop._LowlevelForPyfuse3()
+    with trio.testing.assert_checkpoints():
+        await lowlevel.wait_readable(fuse.fileno())
+    assert trio_waits == []
+    with trio.CancelScope() as scope:  # a checkpoint: cancellation is seen
+        scope.cancel()
+        await lowlevel.wait_readable(fuse.fileno())
+        pytest.fail("not cancelled")
+
+
+async def test_no_request_waits_in_trio_until_one_comes(
+        pair: tuple[socket.socket, socket.socket], trio_waits: list[int]) -> None:
+    queue, fuse = pair
+    lowlevel = fuse_loop._LowlevelForPyfuse3()
+    woke = trio.Event()
+
+    async def reader() -> None:
+        await lowlevel.wait_readable(fuse.fileno())
+        woke.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not woke.is_set()
+        assert trio_waits == [fuse.fileno()]
+        queue.send(b"request")
+    assert woke.is_set()
+
+
+async def test_closing_the_descriptor_ends_the_wait_as_in_trio(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """pyfuse3.terminate() ends its reader's wait with notify_closing."""
+    _, fuse = pair
+    lowlevel = fuse_loop._LowlevelForPyfuse3()
+    raised: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
+            await lowlevel.wait_readable(fuse.fileno())
+        except trio.ClosedResourceError as exc:
+            raised.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        lowlevel.notify_closing(fuse.fileno())
+    assert len(raised) == 1
