@@ -704,19 +704,22 @@ class WriteCache:
         gets one while the pool (with its allowance for stuck buffers) has one.
         """
         waited_since: float | None = None
+        made_room = False
         while True:
             buf = cf.filling.get(window)
             if buf is not None:
                 break
             if cf.error is not None and refuse_failing:
                 raise again(cf.error)
+            if not made_room and self._queue_is_full(cf):
+                if waited_since is None:
+                    waited_since = trio.current_time()
+                await cf.progress.park()
+                continue
             if len(cf.filling) >= self.buffers_per_file:
-                if self._queue_is_full(cf):
-                    if waited_since is None:
-                        waited_since = trio.current_time()
-                    await cf.progress.park()
-                    continue
                 self._seal_one_of(cf)
+                # Queued for this writer: it must not then wait for the queue.
+                made_room = True
             mem = self.pool.try_take()
             if mem is not None:
                 buf = Buffer(cf, mem, window, trio.current_time())
@@ -749,15 +752,18 @@ class WriteCache:
         return buf
 
     def _queue_is_full(self, cf: CachedFile) -> bool:
-        """Sealing one more of *cf*'s buffers would pass --writeout-queue while
-        its flusher makes progress: the writer waits for the disk instead.
+        """*cf* has --writeout-queue buffers queued while its flusher makes
+        progress: a writer that needs another buffer waits for the disk.
 
         A stream that outruns the disk gains nothing from a longer queue (the
         flusher writes one buffer at a time anyway); it would only take more
         memory (each new buffer a first touch), and make every fsync of the
-        file wait for all of it. Not while the file's write-out fails (its
-        writers get the error) or its flusher is not running: then nothing
-        would wake the writer.
+        file wait for all of it. Checked before any buffer is taken, not only
+        before one is sealed for room: pages of the kernel's writeback fill a
+        window at once and are sealed when full (``_put``), so their file
+        never has ``buffers_per_file`` filling. Not while the file's
+        write-out fails (its writers get the error) or its flusher is not
+        running: then nothing would wake the writer.
         """
         return (0 < self.writeout_queue <= len(cf.queue) and cf.flushing
                 and cf.error is None)

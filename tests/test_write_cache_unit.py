@@ -690,6 +690,38 @@ async def test_without_a_writeout_queue_bound_the_stream_takes_more_memory(
         cache.detach(cf)
 
 
+async def test_writeout_queue_bounds_kernel_writeback_whose_full_windows_seal_at_once(
+        backing: Path) -> None:
+    """Pages of the kernel's writeback (FUSE writeback cache) fill a window
+    and seal it at once, so the file never fills buffers_per_file: the bound
+    must hold all the same."""
+    io = GatedIO(4)
+    async with running_cache(io, Stats(), max_dirty=8 * B, buffers_per_file=4,
+                             writeout_queue=2) as cache:
+        cache.kernel_times = True
+        cf = await attach(cache, backing)
+        for k in range(2):
+            await cf.write(k * B, _window(k), refuse_failing=False)
+        assert (len(cf.queue), len(cf.filling)) == (2, 0)
+        finished = []
+
+        async def third() -> None:
+            await cf.write(2 * B, _window(2), refuse_failing=False)
+            finished.append(2)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third)
+            await trio.testing.wait_all_tasks_blocked()
+            assert finished == []
+            assert cache.pool.made == 2
+            io.gate.set()
+        assert finished == [2]
+        assert cache.pool.made == 2
+        await cf.fsync(False)
+        assert read_direct(backing) == b"".join(_window(k) for k in range(3))
+        cache.detach(cf)
+
+
 async def test_writer_waiting_for_the_writeout_queue_gets_the_files_error(
         backing: Path, tmp_path: Path) -> None:
     """The write-out the writer waits for fails: the writer fails with it, and
