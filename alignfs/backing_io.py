@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -36,6 +37,8 @@ class FaultInjector:
 
     Reads a small JSON file (``{"write": "EIO", "read": "EIO", "match": "name"}``)
     whenever its mtime changes; an absent file means no faults.
+    ``{"write_delay": 0.2}`` makes each backing write of a matching file take
+    that many seconds longer instead (a slow disk).
     """
 
     def __init__(self, path: Path) -> None:
@@ -61,7 +64,10 @@ class FaultInjector:
         with self._lock:
             self._reload()
             code = self._rules.get(kind)
+            delay = self._rules.get(f"{kind}_delay")
             match = self._rules.get("match", "")
+        if delay and match in name:
+            time.sleep(float(delay))
         if code and match in name:
             num = getattr(errno, code)
             raise OSError(num, f"injected fault: {os.strerror(num)}")

@@ -921,6 +921,34 @@ def test_memory_bound_with_16_sequential_readers(mount_alignfs: Callable[..., Mo
     assert stats["readahead_bytes"] <= 2 * nfiles * size, f"read-ahead thrashes: {ahead}"
 
 
+def test_stream_outrunning_a_slow_disk_keeps_its_writeout_queue(
+        mount_alignfs: Callable[..., Mount], tmp_path: Path) -> None:
+    """--writeout-queue through the mount: an O_DIRECT stream (QEMU
+    cache=none) into a disk that takes 0.2 s per backing write waits for it,
+    so the pool holds the file's filling buffer, its queue and the buffer one
+    writer may still take, not the 16 MiB --max-dirty allows."""
+    faults = tmp_path / "faults.json"
+    set_faults(faults, {"write_delay": 0.2})
+    bsize = 256 * 1024
+    m = mount_alignfs("--fault-file", str(faults), "--buffer-size", "256K",
+                      "--max-dirty", "16M", "--buffers-per-file", "1",
+                      "--writeout-queue", "2", "--flush-delay", "300")
+    data = blocks(b"Q", 0, 4 * MiB // BLOCK)
+    chunk = mmap.mmap(-1, bsize)  # O_DIRECT needs aligned memory
+    fd = os.open(m.mountpoint / "vm.img", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        for off in range(0, len(data), bsize):
+            chunk[:] = data[off:off + bsize]
+            assert os.pwrite(fd, chunk, off) == bsize
+        stats = m.stats()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        chunk.close()
+    assert stats["pool_bytes"] <= 4 * bsize, stats["pool_bytes"]
+    assert (m.backing / "vm.img").read_bytes() == data
+
+
 def test_same_file_disjoint_ranges(mount_alignfs: Callable[..., Mount]) -> None:
     """4 processes write interleaved, unaligned 10000-byte chunks of one file.
 
