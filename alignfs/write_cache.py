@@ -238,8 +238,10 @@ class CachedFile:
                 buf = self.queued_open(window)
                 if buf is None:
                     buf = await cache.new_buffer(self, window, refuse_failing)
-                    if refuse_failing:
-                        self.raise_error()
+                if refuse_failing:
+                    # The file may have failed while an earlier window of this
+                    # write waited: refuse the rest, queued buffer or not.
+                    self.raise_error()
             n = min(end, window + bsize) - pos
             self._put(buf, pos - window, view[pos - off:pos - off + n])
             pos += n
